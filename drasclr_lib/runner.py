@@ -1,0 +1,116 @@
+"""Execute the notebooks in order with papermill (the main job, and the notebook tests).
+
+``python -m drasclr_lib.runner`` (or ``drasclr run-notebooks``) runs every
+``notebooks/NN_*.ipynb`` in order on the synthetic default, writing the executed notebooks next to
+the figures and ``metrics.json`` of each under ``$DRASCLR_OUT`` (default ``outputs/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Mapping
+
+__all__ = ["list_notebooks", "execute_notebook", "run_notebooks", "main"]
+
+REPO_NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def list_notebooks(nb_dir: str | os.PathLike = REPO_NOTEBOOKS) -> list[Path]:
+    """The numbered notebooks (``NN_name.ipynb``) of ``nb_dir``, in execution order."""
+    nbs = sorted(p for p in Path(nb_dir).glob("[0-9][0-9]_*.ipynb"))
+    if not nbs:
+        raise FileNotFoundError(f"no numbered notebooks (NN_*.ipynb) in {nb_dir}")
+    return nbs
+
+
+def execute_notebook(
+    notebook: str | os.PathLike,
+    out_root: str | os.PathLike,
+    parameters: Mapping | None = None,
+    *,
+    cell_timeout: int | None = 1800,
+    progress: bool = True,
+) -> Path:
+    """Execute one notebook with papermill.
+
+    The kernel runs in the notebook's folder with ``DRASCLR_OUT=out_root``; the executed copy is
+    written to ``out_root/<stem>/<stem>.executed.ipynb``.
+
+    Returns:
+        The notebook's own output folder ``out_root/<stem>`` (holding its ``metrics.json``).
+
+    Raises:
+        papermill.PapermillExecutionError: when a cell fails (the executed copy shows where).
+    """
+    import papermill as pm
+
+    notebook = Path(notebook).resolve()
+    out_root = Path(out_root).resolve()
+    nb_out = out_root / notebook.stem
+    nb_out.mkdir(parents=True, exist_ok=True)
+    old = os.environ.get("DRASCLR_OUT")
+    os.environ["DRASCLR_OUT"] = str(out_root)
+    try:
+        pm.execute_notebook(
+            str(notebook),
+            str(nb_out / f"{notebook.stem}.executed.ipynb"),
+            parameters=dict(parameters or {}),
+            cwd=str(notebook.parent),
+            kernel_name="python3",
+            execution_timeout=cell_timeout,
+            progress_bar=progress,
+        )
+    finally:
+        if old is None:
+            os.environ.pop("DRASCLR_OUT", None)
+        else:
+            os.environ["DRASCLR_OUT"] = old
+    return nb_out
+
+
+def run_notebooks(
+    out_root: str | os.PathLike = "outputs",
+    nb_dir: str | os.PathLike = REPO_NOTEBOOKS,
+    parameters: Mapping[str, Mapping] | None = None,
+    only: list[str] | None = None,
+) -> dict[str, float]:
+    """Execute every numbered notebook in order; stop at the first failure.
+
+    Args:
+        out_root: the shared output folder (``DRASCLR_OUT``).
+        nb_dir: folder of the notebooks.
+        parameters: optional papermill parameters per notebook stem.
+        only: optional list of stems (or prefixes like ``"00"``) to run.
+
+    Returns:
+        Seconds taken by each notebook.
+    """
+    timings = {}
+    for nb in list_notebooks(nb_dir):
+        if only and not any(nb.stem.startswith(o) for o in only):
+            continue
+        t0 = time.perf_counter()
+        print(f"[drasclr] executing {nb.name} -> {Path(out_root) / nb.stem}", flush=True)
+        execute_notebook(nb, out_root, (parameters or {}).get(nb.stem))
+        timings[nb.stem] = time.perf_counter() - t0
+        print(f"[drasclr] {nb.name} done in {timings[nb.stem]:.0f} s", flush=True)
+    return timings
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="drasclr run-notebooks", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("DRASCLR_OUT", "outputs"), help="output folder (DRASCLR_OUT)")
+    ap.add_argument("--notebooks", default=str(REPO_NOTEBOOKS), help="folder of NN_*.ipynb notebooks")
+    ap.add_argument("--only", nargs="*", help="run only these notebooks (stems or NN prefixes)")
+    args = ap.parse_args(argv)
+    timings = run_notebooks(args.out, args.notebooks, only=args.only)
+    print("[drasclr] all notebooks executed: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,14 @@
+"""Small papermill parameters for each notebook when it runs as a test (2 CPU cores, CI).
+
+Each entry overrides the notebook's `parameters` cell. Keep the whole notebook chain well under
+the 30-minute budget of the test command.
+"""
+
+CI_PARAMS: dict[str, dict] = {
+    "00_synthetic_cohort": {},
+    "01_preprocessing": {},
+    "02_pretraining": {},
+    "03_embeddings": {},
+    "04_downstream": {},
+    "05_segmentation": {},
+}

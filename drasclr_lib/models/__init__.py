@@ -1,0 +1,6 @@
+"""DrasCLR models: the location-conditioned convolution, the patch encoder and the MoCo wrapper."""
+
+from drasclr_lib.models.condconv import CondConv3d
+from drasclr_lib.models.encoder import DrasEncoder
+
+__all__ = ["CondConv3d", "DrasEncoder"]

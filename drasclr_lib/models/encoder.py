@@ -23,7 +23,7 @@ from torch import nn
 
 from drasclr_lib.models.condconv import CondConv3d, is_same_location, location_groups
 
-__all__ = ["DrasEncoder"]
+__all__ = ["DrasEncoder", "load_encoder"]
 
 
 class _PlainConv3d(nn.Conv3d):
@@ -189,3 +189,133 @@ class DrasEncoder(nn.Module):
         x = self.act(self.bn4(conv(self.conv4, x)))
         h = torch.flatten(x, 1)
         return self.fc(h), h
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoint loading
+# --------------------------------------------------------------------------------------------------
+_ENCODER_PREFIXES = ("module.encoder_q.", "encoder_q.", "module.", "")
+
+
+def _read_checkpoint(path, map_location):
+    """``torch.load(weights_only=True)``: tensors and plain containers only, never code."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{path}: refused to load: the checkpoint holds objects other than tensors and plain "
+                         f"containers, and loading it could run code (torch.load weights_only=True said: "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
+
+
+def _encoder_state(obj, path) -> tuple[dict, dict]:
+    """Return ``(encoder_state_dict, config)`` from any supported checkpoint layout."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
+    config = obj.get("config") if isinstance(obj.get("config"), dict) else {}
+    if isinstance(obj.get("state_dict"), dict):
+        sd = obj["state_dict"]
+    elif isinstance(obj.get("model"), dict):
+        sd = obj["model"]
+    else:
+        sd = obj
+    for prefix in _ENCODER_PREFIXES:
+        if f"{prefix}conv1.weight" in sd:
+            n = len(prefix)
+            return {k[n:]: v for k, v in sd.items() if k.startswith(prefix) and torch.is_tensor(v)}, config
+    some = ", ".join(list(sd)[:5])
+    raise ValueError(f"{path}: no encoder weights found (looked for 'conv1.weight' under prefixes "
+                     f"{', '.join(repr(p) for p in _ENCODER_PREFIXES)}; first keys: {some})")
+
+
+def _infer_config(sd: dict, config: dict, path) -> dict:
+    """Encoder constructor arguments from the weight shapes (config values are only a fallback)."""
+    def need(key):
+        if key not in sd:
+            raise ValueError(f"{path}: encoder weight {key!r} is missing")
+        return sd[key]
+
+    w1 = need("conv1.weight")
+    if w1.dim() == 6:
+        conditional, num_experts = True, int(w1.shape[0])
+    elif w1.dim() == 5:
+        conditional, num_experts = False, int(config.get("num_experts", 8))
+    else:
+        raise ValueError(f"{path}: 'conv1.weight' has shape {tuple(w1.shape)}; expected (E, 8, 1, 3, 3, 3) or "
+                         "(8, 1, 3, 3, 3)")
+    if "fc.weight" in sd and "fc.2.weight" not in sd:
+        raise ValueError(f"{path}: the checkpoint has a linear head 'fc.weight'; DrasEncoder has the MoCo v2 MLP "
+                         "head 'fc.0'/'fc.2' (the published training default)")
+    rep_dim = int(need("conv4.weight").shape[-5])
+    proj_dim = int(need("fc.2.weight").shape[0])
+    return {"rep_dim": rep_dim, "proj_dim": proj_dim, "num_experts": num_experts, "conditional": conditional}
+
+
+def load_encoder(path, *, map_location="cpu", conditional: bool | None = None, strict: bool = True,
+                 num_experts: int | None = None, rep_dim: int | None = None,
+                 proj_dim: int | None = None) -> DrasEncoder:
+    """Load a :class:`DrasEncoder` (query encoder) from a checkpoint, in eval mode.
+
+    Supported layouts:
+
+    * the published DrasCLR checkpoint ``{'epoch', 'arch', 'state_dict': {'module.encoder_q.…',
+      'module.encoder_k.…', 'module.queue', 'module.queue_ptr'}, 'optimizer'}``;
+    * this project's checkpoint ``{'state_dict': {'encoder_q.…', 'encoder_k.…', 'queue', …},
+      'config': {...}, …}`` (``drasclr_lib.train``);
+    * a bare encoder state dict (optionally ``module.``-prefixed).
+
+    The architecture (conditional or not, experts, ``rep_dim``, ``proj_dim``) is read from the
+    weight shapes unless given.
+
+    Args:
+        path: checkpoint file.
+        map_location: passed to ``torch.load`` (``"cpu"``, ``"cuda"``, a device).
+        conditional: expect conditional (True) or plain (False) convolutions; ``None`` infers it.
+        strict: require exactly the encoder's keys (missing or unexpected keys raise); shapes must
+            always match.
+        num_experts, rep_dim, proj_dim: expected sizes; ``None`` infers them.
+
+    Returns:
+        The encoder, in eval mode, on ``map_location``'s device.
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: when the file would need code to unpickle (it is refused without running
+            anything), is not a checkpoint, lacks encoder weights, or a key or shape does not match
+            (the message names the key and both shapes).
+    """
+    obj = _read_checkpoint(path, map_location)
+    sd, config = _encoder_state(obj, path)
+    arch = _infer_config(sd, config, path)
+    for name, value in (("conditional", conditional), ("num_experts", num_experts), ("rep_dim", rep_dim),
+                        ("proj_dim", proj_dim)):
+        if value is not None:
+            if name != "num_experts" or arch["conditional"]:
+                if value != arch[name]:
+                    raise ValueError(f"{path}: {name}={value!r} was requested but the checkpoint's weights give "
+                                     f"{name}={arch[name]!r}")
+            arch[name] = value
+    encoder = DrasEncoder(**arch)
+    own = encoder.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    mismatched = [f"{k!r}: checkpoint {tuple(sd[k].shape)} vs encoder {tuple(own[k].shape)}"
+                  for k in own if k in sd and sd[k].shape != own[k].shape]
+    if mismatched:
+        raise ValueError(f"{path}: shape mismatch for " + "; ".join(mismatched))
+    if strict and (missing or unexpected):
+        parts = []
+        if missing:
+            parts.append("missing keys " + ", ".join(repr(k) for k in missing[:10]) + (" …" if len(missing) > 10 else ""))
+        if unexpected:
+            parts.append("unexpected keys " + ", ".join(repr(k) for k in unexpected[:10])
+                         + (" …" if len(unexpected) > 10 else ""))
+        raise ValueError(f"{path}: encoder state dict does not match DrasEncoder({arch}): " + "; ".join(parts))
+    encoder.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    device = next(iter(sd.values())).device if sd else torch.device("cpu")
+    return encoder.to(device).eval()

@@ -1,0 +1,275 @@
+"""The downstream comparison of the paper in one call, shared by notebook 04 and the benchmark.
+
+:func:`run_downstream` takes a patch store (labels, QC) and the patch embeddings of each method,
+draws the subject folds **once** (seeded, stratified by GOLD stage when the cohort has it) and
+runs every task on every method with those folds:
+
+=================  ==========================================  ===========================
+task               model                                       metrics
+=================  ==========================================  ===========================
+FEV1pp, FEV1_FVC   ridge on pooled embeddings                  r2
+GOLD, emph_grade,  multinomial logistic regression             accuracy, auc_macro
+paraseptal_grade
+survival           PCA + penalised Cox (lifelines)             c_index
+subtype            patch-level multinomial logistic regression auc_macro, auc_<subtype>,
+                                                               accuracy
+=================  ==========================================  ===========================
+
+The clinical baseline ``qct`` is built from the store itself: %LAA-950 and lung volume per
+subject (``laa950``, ``lung_volume_l``) and, for the patch task, per-patch %LAA-950 and lung
+fraction. The result table has one row per (method, task, metric) with the mean and standard
+deviation over the evaluated folds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from drasclr_lib.downstream.folds import make_folds
+from drasclr_lib.downstream.prediction import cv_classification, cv_regression
+from drasclr_lib.downstream.subtypes import SUBTYPE_NAMES, cv_patch_classifier, patch_qct_features, subtype_targets
+from drasclr_lib.downstream.survival import cv_cox, km_logrank, risk_groups
+from drasclr_lib.utils import atomic_path
+
+__all__ = [
+    "METHOD_LABELS",
+    "REGRESSION_TASKS",
+    "CLASSIFICATION_TASKS",
+    "QCT_COLUMNS",
+    "DownstreamResult",
+    "run_downstream",
+    "subject_qct_features",
+]
+
+METHOD_LABELS = {
+    "qct": "%LAA-950 + lung volume",
+    "random": "random encoder",
+    "moco": "MoCo (no location, no neighbours)",
+    "drasclr_no_nbr": "DrasCLR w/o neighbour loss",
+    "drasclr": "DrasCLR",
+}
+REGRESSION_TASKS = ("FEV1pp", "FEV1_FVC")
+CLASSIFICATION_TASKS = ("GOLD", "emph_grade", "paraseptal_grade")
+QCT_COLUMNS = ("laa950", "lung_volume_l")
+TABLE_COLUMNS = ["method", "task", "metric", "mean", "sd", "folds", "n"]
+
+
+@dataclass
+class DownstreamResult:
+    """Everything :func:`run_downstream` computed.
+
+    Attributes:
+        table: one row per (method, task, metric): ``mean``, ``sd`` over folds, ``folds`` (number
+            of folds scored) and ``n`` (labelled subjects, or labelled patches for ``subtype``).
+        per_fold: long table ``method, task, metric, fold, value``.
+        sids: the N subjects, in the order of every array below.
+        fold: (N,) test fold of each subject (the same for every method).
+        time, event: (N,) survival data (NaN when the cohort has none).
+        risk: ``{method: (N,) out-of-fold Cox partial hazard}``.
+        subtype_true: (N, L) dominant subtype per patch (-1 unlabelled), or ``None``.
+        subtype_proba: ``{method: (N, L, 4) out-of-fold class probabilities}``.
+        settings: the arguments of the run.
+    """
+
+    table: pd.DataFrame
+    per_fold: pd.DataFrame
+    sids: list[str]
+    fold: np.ndarray
+    time: np.ndarray
+    event: np.ndarray
+    risk: dict[str, np.ndarray] = field(default_factory=dict)
+    subtype_true: np.ndarray | None = None
+    subtype_proba: dict[str, np.ndarray] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def value(self, method: str, task: str, metric: str) -> float:
+        """The mean of one cell (NaN when absent)."""
+        t = self.table
+        row = t[(t.method == method) & (t.task == task) & (t.metric == metric)]
+        return float(row["mean"].iloc[0]) if len(row) else float("nan")
+
+    def logrank(self, method: str, n_groups: int = 3) -> tuple[dict, float]:
+        """Kaplan-Meier fits by out-of-fold risk group of ``method`` and the log-rank p-value."""
+        risk = self.risk.get(method)
+        if risk is None:
+            raise KeyError(f"no survival risk for method {method!r}; have {sorted(self.risk)}")
+        return km_logrank(self.time, self.event, risk_groups(risk, n_groups))
+
+    def metrics(self) -> dict:
+        """``{method: {"task/metric": mean}}`` plus the log-rank p-values, for ``metrics.json``."""
+        out: dict = {}
+        for r in self.table.itertuples():
+            out.setdefault(r.method, {})[f"{r.task}/{r.metric}"] = float(r.mean)
+        for m in self.risk:
+            out.setdefault(m, {})["survival/logrank_p_tertiles"] = self.logrank(m)[1]
+        return out
+
+    def save(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write ``results.csv`` and ``results_per_fold.csv`` atomically into ``out_dir``."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = {}
+        for name, df in (("results.csv", self.table), ("results_per_fold.csv", self.per_fold)):
+            with atomic_path(out_dir / name) as tmp:
+                df.to_csv(tmp, index=False)
+            paths[name] = out_dir / name
+        return paths
+
+
+def subject_qct_features(store, sids: list[str]) -> np.ndarray:
+    """(N, 2) clinical QCT features per subject: %LAA-950 and lung volume (litres).
+
+    Raises:
+        KeyError: when the store's table lacks one of the columns.
+    """
+    missing = [c for c in QCT_COLUMNS if c not in store.table.columns]
+    if missing:
+        raise KeyError(f"patch store {store.root}: subjects.csv has no {missing} column (needed by the QCT baseline)")
+    return store.table.loc[sids, list(QCT_COLUMNS)].to_numpy(dtype=np.float64)
+
+
+def _column(table: pd.DataFrame, sids: list[str], name: str) -> np.ndarray | None:
+    if name not in table.columns:
+        return None
+    return pd.to_numeric(table.loc[sids, name], errors="coerce").to_numpy(dtype=np.float64)
+
+
+def _summarise(method: str, task: str, scores: pd.DataFrame, metrics: list[str], n: int, rows: list, long: list):
+    for metric in metrics:
+        vals = scores[metric].to_numpy(dtype=np.float64) if len(scores) else np.array([])
+        for f, v in zip(scores["fold"] if len(scores) else [], vals):
+            long.append({"method": method, "task": task, "metric": metric, "fold": int(f), "value": float(v)})
+        ok = vals[np.isfinite(vals)]
+        rows.append({"method": method, "task": task, "metric": metric,
+                     "mean": float(ok.mean()) if len(ok) else float("nan"),
+                     "sd": float(ok.std(ddof=1)) if len(ok) > 1 else float("nan"),
+                     "folds": int(len(ok)), "n": int(n)})
+
+
+def _embedding_arrays(embeddings: Mapping[str, Any], sids: list[str]) -> dict[str, np.ndarray]:
+    out = {}
+    for method, emb in embeddings.items():
+        h, emb_sids = getattr(emb, "h", None), getattr(emb, "sids", None)
+        if h is None or emb_sids is None:
+            raise TypeError(f"embeddings[{method!r}] must have .h (N, L, D) and .sids (an EmbeddingSet)")
+        pos = {str(s): i for i, s in enumerate(emb_sids)}
+        missing = [s for s in sids if s not in pos]
+        if missing:
+            raise KeyError(f"embeddings[{method!r}] lack subjects {missing[:5]} of the patch store")
+        out[method] = np.asarray(h, dtype=np.float32)[[pos[s] for s in sids]]
+    return out
+
+
+def run_downstream(
+    store,
+    embeddings: Mapping[str, Any],
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    pool: str = "mean",
+    include_qct: bool = True,
+    pca_components: int = 8,
+    penalizer: float = 0.1,
+    C: float = 0.1,
+    patch_C: float = 1.0,
+    subtype_threshold: float = 0.05,
+    max_train_patches: int = 20000,
+    progress: bool = True,
+) -> DownstreamResult:
+    """Run every downstream task on every method with one set of subject folds.
+
+    Args:
+        store: a ``PatchStore`` (or its path): labels in ``store.table``, label patches for the
+            subtype task.
+        embeddings: ``{method: EmbeddingSet}`` (anything with ``.h (N, L, D)`` and ``.sids``);
+            every store subject must be present. Method names of :data:`METHOD_LABELS` get
+            readable labels in the figures; any name works.
+        folds: number of CV folds k.
+        seed: seed of the folds (and of the patch subsampling).
+        pool: ``"mean"`` or ``"meanmax"`` (see ``drasclr_lib.embed.pool_subjects``).
+        include_qct: add the clinical QCT baseline as method ``"qct"``.
+        pca_components: PCA components before the Cox model.
+        penalizer: Cox ridge penalty.
+        C: inverse penalty of the subject-level logistic regressions.
+        patch_C: inverse penalty of the patch-level subtype classifier.
+        subtype_threshold: emphysema fraction below which a patch is "none".
+        max_train_patches: cap on training patches per fold of the subtype task.
+        progress: show a tqdm bar over methods.
+
+    Returns:
+        A :class:`DownstreamResult`.
+
+    Raises:
+        ValueError: when there are fewer subjects than folds, or no method at all.
+    """
+    from tqdm.auto import tqdm
+
+    from drasclr_lib.data.patch_store import PatchStore
+    from drasclr_lib.embed import pool_subjects
+
+    if not isinstance(store, PatchStore):
+        store = PatchStore(store)
+    sids = list(store.sids)
+    if len(sids) < folds:
+        raise ValueError(f"patch store {store.root} has {len(sids)} subjects, fewer than {folds} folds")
+    if not embeddings and not include_qct:
+        raise ValueError("nothing to compare: no embeddings and include_qct=False")
+    table = store.table
+    gold = _column(table, sids, "GOLD")
+    strata = np.where(np.isfinite(gold), gold, -1) if gold is not None else None
+    fold = make_folds(len(sids), k=folds, seed=seed, strata=strata)
+
+    H = _embedding_arrays(embeddings, sids)
+    subject_X: dict[str, np.ndarray] = {}
+    patch_X: dict[str, np.ndarray] = {}
+    if include_qct:
+        subject_X["qct"] = subject_qct_features(store, sids)
+    for m, h in H.items():
+        subject_X[m] = pool_subjects(h, pool)
+        patch_X[m] = h
+    has_labels = store.has_labels
+    y_sub = subtype_targets(store, sids, threshold=subtype_threshold) if has_labels else None
+    if has_labels and include_qct:
+        patch_X = {"qct": patch_qct_features(store, sids), **patch_X}
+
+    time, event = _column(table, sids, "time"), _column(table, sids, "event")
+    nan = np.full(len(sids), np.nan)
+    rows: list = []
+    long: list = []
+    risk: dict[str, np.ndarray] = {}
+    proba: dict[str, np.ndarray] = {}
+    for m in tqdm(list(subject_X), desc="downstream (methods)", disable=not progress, leave=False):
+        X = subject_X[m]
+        for task in REGRESSION_TASKS:
+            y = _column(table, sids, task)
+            if y is not None and np.isfinite(y).sum() >= folds:
+                scores, _ = cv_regression(X, y, fold)
+                _summarise(m, task, scores, ["r2"], int(np.isfinite(y).sum()), rows, long)
+        for task in CLASSIFICATION_TASKS:
+            y = _column(table, sids, task)
+            if y is not None and np.isfinite(y).sum() >= folds:
+                scores, _ = cv_classification(X, y, fold, C=C)
+                _summarise(m, task, scores, ["accuracy", "auc_macro"], int(np.isfinite(y).sum()), rows, long)
+        if time is not None and event is not None:
+            ok = np.isfinite(time) & np.isfinite(event)
+            if ok.sum() >= folds and np.nansum(event) >= 2:
+                scores, risk[m] = cv_cox(X, time, event, fold, n_components=pca_components, penalizer=penalizer)
+                _summarise(m, "survival", scores, ["c_index"], int(ok.sum()), rows, long)
+        if y_sub is not None and m in patch_X:
+            scores, proba[m] = cv_patch_classifier(patch_X[m], y_sub, fold, C=patch_C, max_train=max_train_patches,
+                                                   seed=seed)
+            metrics = ["auc_macro", *[f"auc_{n}" for n in SUBTYPE_NAMES], "accuracy"]
+            _summarise(m, "subtype", scores, metrics, int((y_sub >= 0).sum()), rows, long)
+    settings = dict(folds=folds, seed=seed, pool=pool, include_qct=include_qct, pca_components=pca_components,
+                    penalizer=penalizer, C=C, patch_C=patch_C, subtype_threshold=subtype_threshold,
+                    max_train_patches=max_train_patches, num_subjects=len(sids), store=str(store.root))
+    return DownstreamResult(
+        table=pd.DataFrame(rows, columns=TABLE_COLUMNS),
+        per_fold=pd.DataFrame(long, columns=["method", "task", "metric", "fold", "value"]),
+        sids=sids, fold=fold, time=time if time is not None else nan, event=event if event is not None else nan,
+        risk=risk, subtype_true=y_sub, subtype_proba=proba, settings=settings)

@@ -1,0 +1,494 @@
+"""Patch and subject embeddings: the representation ``h`` of every atlas patch of every subject.
+
+:func:`embed_cohort` runs an encoder over a patch store and returns an :class:`EmbeddingSet`
+``h (N, L, D)``; batches hold **one location across subjects**, so every conditional convolution
+of a batch uses a single mixed kernel (the fast path). :func:`embed_subject` embeds one new scan,
+whose batches mix locations. :func:`pool_subjects` reduces patch embeddings to one vector per
+subject, :func:`random_encoder` gives the random-weight baseline, and :func:`patch_table` the
+per-patch facts (emphysema fraction, lobe, height) the maps and metrics colour by.
+
+Command line::
+
+    drasclr embed --store outputs/patch_store --checkpoint outputs/02_pretraining/checkpoint.pt \\
+        --out outputs/03_embeddings/embeddings.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from drasclr_lib.intensity import hu_to_input
+from drasclr_lib.utils import atomic_path, resolve_device
+
+__all__ = [
+    "EmbeddingSet",
+    "embed_cohort",
+    "embed_subject",
+    "pool_subjects",
+    "random_encoder",
+    "calibrate_batchnorm",
+    "patch_table",
+    "cli_main",
+]
+
+
+@dataclass
+class EmbeddingSet:
+    """Patch embeddings of a cohort.
+
+    Attributes:
+        h: (N, L, D) float32 representation of every patch (subject, location).
+        sids: N subject ids, in the order of ``h``.
+        locs: (L, 3) float32 normalised locations in [-1, 1] fed to the encoder.
+        atlas_corners: (L, 3) int64 atlas voxel corners (i, j, k) of the locations.
+        meta: JSON-serialisable facts about how ``h`` was made (checkpoint, encoder, store).
+
+    Raises:
+        ValueError: when the shapes disagree.
+    """
+
+    h: np.ndarray
+    sids: list[str]
+    locs: np.ndarray
+    atlas_corners: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.h = np.asarray(self.h, dtype=np.float32)
+        self.sids = [str(s) for s in self.sids]
+        self.locs = np.asarray(self.locs, dtype=np.float32)
+        self.atlas_corners = np.asarray(self.atlas_corners, dtype=np.int64)
+        if self.h.ndim != 3:
+            raise ValueError(f"h must be (N, L, D), got shape {self.h.shape}")
+        n, L, _ = self.h.shape
+        if len(self.sids) != n:
+            raise ValueError(f"{len(self.sids)} subject ids for {n} subjects in h")
+        if len(set(self.sids)) != n:
+            raise ValueError("subject ids must be unique")
+        if self.locs.shape != (L, 3) or self.atlas_corners.shape != (L, 3):
+            raise ValueError(f"locs {self.locs.shape} and atlas_corners {self.atlas_corners.shape} must be ({L}, 3)")
+        json.dumps(self.meta)  # fail early on a meta that cannot be saved
+
+    @property
+    def num_subjects(self) -> int:
+        return self.h.shape[0]
+
+    @property
+    def num_locations(self) -> int:
+        return self.h.shape[1]
+
+    @property
+    def dim(self) -> int:
+        return self.h.shape[2]
+
+    def index(self, sid: str) -> int:
+        """Row of subject ``sid`` in ``h``; raises ``KeyError`` naming it when absent."""
+        try:
+            return self.sids.index(str(sid))
+        except ValueError:
+            raise KeyError(f"subject {sid!r} is not in this embedding set ({self.num_subjects} subjects)") from None
+
+    def __repr__(self) -> str:
+        return f"EmbeddingSet(subjects={self.num_subjects}, locations={self.num_locations}, dim={self.dim})"
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write everything to one ``.npz`` file atomically (no pickles)."""
+        path = Path(path)
+        with atomic_path(path, suffix=".npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, h=self.h, sids=np.asarray(self.sids, dtype=str), locs=self.locs,
+                         atlas_corners=self.atlas_corners, meta=np.asarray(json.dumps(self.meta)))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "EmbeddingSet":
+        """Read a file written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: when ``path`` does not exist.
+            ValueError: when the file lacks one of the arrays.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"embedding file {path} does not exist (run embed_cohort / `drasclr embed` first)")
+        with np.load(path, allow_pickle=False) as z:
+            missing = {"h", "sids", "locs", "atlas_corners", "meta"} - set(z.files)
+            if missing:
+                raise ValueError(f"{path} is not an embedding file: missing {sorted(missing)}")
+            return cls(h=z["h"], sids=z["sids"].tolist(), locs=z["locs"], atlas_corners=z["atlas_corners"],
+                       meta=json.loads(str(z["meta"])))
+
+
+# -- encoders ---------------------------------------------------------------------------------
+def random_encoder(seed: int = 0, *, store=None, calibration_batches: int = 64, batch_size: int = 32,
+                   device: str = "auto", **kwargs):
+    """A ``DrasEncoder`` with random (initial) weights: the baseline that shows what pretraining adds.
+
+    A freshly built encoder in eval mode normalises with BatchNorm's initial running statistics
+    (mean 0, variance 1), which do not match its activations: with the published initialisation
+    the signal shrinks layer after layer and ``h`` is nearly constant (about 1e-10 variation
+    between subjects), a baseline no probe can read. Given ``store``, the running statistics are
+    therefore calibrated on data first (:func:`calibrate_batchnorm`): the weights stay random, the
+    normalisation is the one the network would have on these patches, as a pretrained encoder's is.
+
+    The global torch and NumPy RNGs are left untouched; the same seed always gives the same encoder.
+
+    Args:
+        seed: seed of the weight initialisation and of the calibration sample.
+        store: a ``PatchStore`` to calibrate BatchNorm on (recommended); ``None`` keeps the
+            initial statistics.
+        calibration_batches, batch_size: size of the calibration sample (batches of one location).
+        device: where calibration runs.
+        **kwargs: passed to ``DrasEncoder`` (``rep_dim``, ``num_experts``, ``conditional``...).
+
+    Returns:
+        The encoder in eval mode.
+    """
+    import torch
+
+    from drasclr_lib.models import DrasEncoder
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        enc = DrasEncoder(**kwargs)
+    if store is not None:
+        calibrate_batchnorm(enc, store, num_batches=calibration_batches, batch_size=batch_size, seed=seed,
+                            device=device)
+    return enc.eval()
+
+
+def calibrate_batchnorm(encoder, store, *, num_batches: int = 64, batch_size: int = 32, seed: int = 0,
+                        device: str = "auto"):
+    """Set the BatchNorm running statistics of ``encoder`` to averages over patches of ``store``.
+
+    Each batch holds one random location across random subjects (as in pretraining); the running
+    mean and variance become the plain average of the batch statistics (``momentum=None``). Only
+    BatchNorm buffers change; the weights do not.
+
+    Args:
+        encoder: a ``DrasEncoder``.
+        store: a ``PatchStore``.
+        num_batches: number of calibration batches.
+        batch_size: subjects per batch (capped by the store's subject count).
+        seed: seed of the sample of (location, subjects).
+        device: where the forward passes run.
+
+    Returns:
+        The encoder, in eval mode.
+
+    Raises:
+        ValueError: for non-positive sizes or an empty store.
+    """
+    import torch
+    from torch import nn
+
+    if num_batches < 1 or batch_size < 1:
+        raise ValueError(f"num_batches and batch_size must be positive, got {num_batches}, {batch_size}")
+    if store.num_subjects == 0:
+        raise ValueError(f"no subjects in {store.root} to calibrate BatchNorm on")
+    dev = _encoder_device(encoder, device)
+    bns = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    rng = np.random.default_rng(seed)
+    b = min(batch_size, store.num_subjects)
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average of the batch statistics
+    encoder.train()
+    try:
+        with torch.no_grad():
+            for _ in range(num_batches):
+                loc = int(rng.integers(store.num_locations))
+                subjects = np.sort(rng.choice(store.num_subjects, size=b, replace=False))
+                x = torch.from_numpy(hu_to_input(store.location_batch(subjects, loc)))[:, None].to(dev)
+                encoder(x, torch.as_tensor(store.locs[loc], device=dev).expand(b, 3))
+    finally:
+        for m, mom in zip(bns, momenta):
+            m.momentum = mom
+        encoder.eval()
+    return encoder
+
+
+def _h_of(encoder, x, loc):
+    out = encoder(x, loc)
+    h = out[1] if isinstance(out, (tuple, list)) else out
+    return h.reshape(h.shape[0], -1)
+
+
+class _EvalMode:
+    """Context: the encoder in eval mode (BatchNorm running statistics), restored afterwards."""
+
+    def __init__(self, encoder):
+        self.encoder, self.was_training = encoder, encoder.training
+
+    def __enter__(self):
+        self.encoder.eval()
+        return self.encoder
+
+    def __exit__(self, *exc):
+        self.encoder.train(self.was_training)
+
+
+def _encoder_device(encoder, device):
+    dev = resolve_device(device)
+    encoder.to(dev)
+    return dev
+
+
+def embed_cohort(
+    encoder,
+    store,
+    *,
+    batch_size: int = 256,
+    device: str = "auto",
+    progress: bool = True,
+    subjects: Sequence[int | str] | None = None,
+    meta: dict | None = None,
+) -> EmbeddingSet:
+    """Embed every patch of every subject of a patch store.
+
+    Batches hold one location across subjects (up to ``batch_size`` subjects at a time), so the
+    conditional convolutions mix one kernel per batch. The encoder runs in eval mode under
+    ``torch.inference_mode``; the result does not depend on ``batch_size`` beyond float rounding
+    and is identical across runs on the same device.
+
+    Args:
+        encoder: a ``DrasEncoder`` (``forward(x (B, 1, P, P, P), loc (B, 3)) -> (z, h)``).
+        store: a ``PatchStore`` or the path of one.
+        batch_size: largest number of patches per forward pass.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        progress: show a tqdm bar over locations.
+        subjects: optional subset (indices or ids); default every subject of the store.
+        meta: extra facts to keep in ``EmbeddingSet.meta`` (e.g. the checkpoint path).
+
+    Returns:
+        The :class:`EmbeddingSet` with ``h (N, L, D)`` float32.
+
+    Raises:
+        ValueError: for a store without subjects or a non-positive ``batch_size``.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from drasclr_lib.data.patch_store import PatchStore
+
+    if not isinstance(store, PatchStore):
+        store = PatchStore(store)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    idx = list(range(store.num_subjects)) if subjects is None else [
+        int(s) if isinstance(s, (int, np.integer)) else store.index(s) for s in subjects]
+    if not idx:
+        raise ValueError(f"no subjects to embed in {store.root}")
+    dev = _encoder_device(encoder, device)
+    L = store.num_locations
+    locs = torch.as_tensor(store.locs, dtype=torch.float32, device=dev)
+    h_all = None
+    with _EvalMode(encoder), torch.inference_mode():
+        for loc in tqdm(range(L), desc="embed (locations)", disable=not progress, leave=False):
+            for start in range(0, len(idx), batch_size):
+                chunk = idx[start:start + batch_size]
+                x = torch.from_numpy(hu_to_input(store.location_batch(chunk, loc)))[:, None].to(dev)
+                h = _h_of(encoder, x, locs[loc].expand(len(chunk), 3)).float().cpu().numpy()
+                if h_all is None:
+                    h_all = np.zeros((len(idx), L, h.shape[1]), dtype=np.float32)
+                h_all[start:start + len(chunk), loc] = h
+    info = {"store": str(store.root), "num_subjects": len(idx), "num_locations": L,
+            "encoder": type(encoder).__name__, "device": str(dev), **(meta or {})}
+    return EmbeddingSet(h=h_all, sids=[store.sids[i] for i in idx], locs=store.locs,
+                        atlas_corners=store.atlas_corners, meta=info)
+
+
+def embed_subject(
+    encoder,
+    patches_hu: np.ndarray,
+    locs: np.ndarray,
+    *,
+    batch_size: int = 64,
+    device: str = "auto",
+    group_by_location: bool = False,
+) -> np.ndarray:
+    """Embed the patches of one scan, every patch at its own location.
+
+    Batches mix locations (the encoder mixes one kernel per sample). With
+    ``group_by_location=True`` patches that share a location are batched together instead (useful
+    when ``locs`` repeats, e.g. augmented copies).
+
+    Args:
+        encoder: a ``DrasEncoder``.
+        patches_hu: (L, P, P, P) HU patches (int16 or float).
+        locs: (L, 3) normalised locations in [-1, 1], one per patch.
+        batch_size: largest number of patches per forward pass.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``...
+        group_by_location: batch equal locations together.
+
+    Returns:
+        h (L, D) float32.
+
+    Raises:
+        ValueError: when the shapes of ``patches_hu`` and ``locs`` disagree.
+    """
+    import torch
+
+    patches_hu = np.asarray(patches_hu)
+    locs = np.asarray(locs, dtype=np.float32)
+    if patches_hu.ndim != 4:
+        raise ValueError(f"patches_hu must be (L, P, P, P), got {patches_hu.shape}")
+    if locs.shape != (len(patches_hu), 3):
+        raise ValueError(f"locs must be ({len(patches_hu)}, 3), got {locs.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    dev = _encoder_device(encoder, device)
+    if group_by_location:
+        _, inverse = np.unique(locs, axis=0, return_inverse=True)
+        order = np.argsort(inverse.ravel(), kind="stable")
+        groups = np.split(order, np.flatnonzero(np.diff(inverse.ravel()[order])) + 1)
+        batches = [g[i:i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
+    else:
+        batches = [np.arange(i, min(i + batch_size, len(patches_hu))) for i in range(0, len(patches_hu), batch_size)]
+    out = None
+    with _EvalMode(encoder), torch.inference_mode():
+        for b in batches:
+            x = torch.from_numpy(hu_to_input(patches_hu[b]))[:, None].to(dev)
+            h = _h_of(encoder, x, torch.from_numpy(locs[b]).to(dev)).float().cpu().numpy()
+            if out is None:
+                out = np.zeros((len(patches_hu), h.shape[1]), dtype=np.float32)
+            out[b] = h
+    return out
+
+
+# -- pooling ----------------------------------------------------------------------------------
+def pool_subjects(h: np.ndarray, method: str = "mean") -> np.ndarray:
+    """Reduce patch embeddings to one vector per subject.
+
+    ``"mean"`` averages every location: (N, D), a summary of the whole lung. ``"meanmax"``
+    concatenates the mean and the element-wise maximum over locations: (N, 2D); the maximum keeps
+    a strong response of a few patches (focal disease) that the mean dilutes.
+
+    Args:
+        h: (N, L, D) patch embeddings (or an :class:`EmbeddingSet`).
+        method: ``"mean"`` or ``"meanmax"``.
+
+    Returns:
+        (N, D) or (N, 2D) float32.
+
+    Raises:
+        ValueError: for an unknown method or a wrong shape.
+    """
+    if isinstance(h, EmbeddingSet):
+        h = h.h
+    h = np.asarray(h, dtype=np.float32)
+    if h.ndim != 3:
+        raise ValueError(f"h must be (N, L, D), got shape {h.shape}")
+    if method == "mean":
+        return h.mean(axis=1)
+    if method == "meanmax":
+        return np.concatenate([h.mean(axis=1), h.max(axis=1)], axis=1)
+    raise ValueError(f"unknown pooling method {method!r}; use 'mean' or 'meanmax'")
+
+
+# -- per-patch facts --------------------------------------------------------------------------
+def patch_table(store, subjects: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """Per-patch facts of the store's subjects, for colouring maps and scoring embeddings.
+
+    Values come from the per-subject records written by preprocessing. When a record lacks
+    ``patch_emph_fraction``, it is computed from the label patches (labelled voxels over the
+    patch's lung voxels, using ``patch_lung_fraction`` when the record has it, else over all
+    voxels); without label patches it is NaN. A missing ``patch_lobe`` is 0 (unknown).
+
+    Args:
+        store: a ``PatchStore``.
+        subjects: optional subject indices; default all.
+
+    Returns:
+        dict of (N, L) arrays: ``emph_fraction`` (float, NaN unknown), ``lobe`` (int, 0 unknown),
+        ``lung_fraction`` (float, NaN unknown), ``laa950`` (float %, NaN unknown), and
+        ``height`` (float, the location's atlas z corner, the same for every subject).
+    """
+    idx = list(range(store.num_subjects)) if subjects is None else [int(s) for s in subjects]
+    N, L = len(idx), store.num_locations
+    emph = np.full((N, L), np.nan)
+    lobe = np.zeros((N, L), dtype=np.int64)
+    lung = np.full((N, L), np.nan)
+    laa = np.full((N, L), np.nan)
+
+    def _list(rec, key, sid):
+        if rec.get(key) is None:
+            return None
+        arr = np.asarray(rec[key], dtype=np.float64)
+        if arr.shape != (L,):
+            raise ValueError(f"subject {sid}: record {key} has shape {arr.shape}, expected ({L},) "
+                             f"in {store.root / 'subjects' / (sid + '.json')}")
+        return arr
+
+    for row, s in enumerate(idx):
+        sid = store.sids[s]
+        rec = store.record(s)
+        lf = _list(rec, "patch_lung_fraction", sid)
+        if lf is not None:
+            lung[row] = lf
+        lb = _list(rec, "patch_lobe", sid)
+        if lb is not None:
+            lobe[row] = np.nan_to_num(lb).astype(np.int64)
+        la = _list(rec, "patch_laa950", sid)
+        if la is not None:
+            laa[row] = la
+        ef = _list(rec, "patch_emph_fraction", sid)
+        if ef is not None:
+            emph[row] = ef
+        else:
+            labels = store.label_patches(s)
+            if labels is not None:
+                labelled = (np.asarray(labels).reshape(L, -1) > 0).mean(axis=1)
+                denom = lung[row] if lf is not None else np.ones(L)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    emph[row] = np.where(denom > 0, np.clip(labelled / denom, 0, 1), np.nan)
+    height = np.broadcast_to(store.atlas_corners[:, 2].astype(np.float64), (N, L)).copy()
+    return {"emph_fraction": emph, "lobe": lobe, "lung_fraction": lung, "laa950": laa, "height": height}
+
+
+# -- command line -----------------------------------------------------------------------------
+def cli_main(argv: list[str] | None = None) -> int:
+    """``drasclr embed --store DIR --checkpoint FILE --out FILE.npz [--batch-size B] [--device D]``.
+
+    ``--checkpoint random`` embeds with a random-weight encoder (``--seed``) instead.
+    """
+    ap = argparse.ArgumentParser(prog="drasclr embed", description="Embed every patch of a patch store.")
+    ap.add_argument("--store", required=True, help="patch store folder (notebook 01 / drasclr preprocess)")
+    ap.add_argument("--checkpoint", required=True, help="checkpoint.pt of pretraining, a published checkpoint, or 'random'")
+    ap.add_argument("--out", required=True, help="output .npz file")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--seed", type=int, default=0, help="weights seed of --checkpoint random")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    from drasclr_lib.data.patch_store import PatchStore
+
+    store = PatchStore(args.store)
+    if args.checkpoint == "random":
+        encoder, meta = random_encoder(args.seed), {"checkpoint": "random", "seed": args.seed}
+    else:
+        from drasclr_lib.models import load_encoder
+
+        if not Path(args.checkpoint).exists():
+            print(f"drasclr embed: checkpoint {args.checkpoint} does not exist", file=sys.stderr)
+            return 2
+        encoder, meta = load_encoder(args.checkpoint), {"checkpoint": str(Path(args.checkpoint).resolve())}
+    emb = embed_cohort(encoder, store, batch_size=args.batch_size, device=args.device,
+                       progress=not args.no_progress, meta=meta)
+    emb.save(args.out)
+    print(f"{emb!r} -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main())

@@ -1,0 +1,465 @@
+"""Interactive patch explorer: a subject's CT with the atlas patch grid, and what its embeddings say.
+
+Pick a subject, scroll through its axial CT slices (the padded 1 mm grid the patches were cut
+from) with every atlas patch crossing the slice drawn as a box, and pick a patch. The explorer then
+shows
+
+(a) the patches at the same anatomical location in the most and the least similar subjects
+    (cosine similarity of the representation ``h``), and
+(b) a heatmap over the subject's lung: every patch box painted with the cosine similarity of its
+    embedding to the picked patch's (overlapping boxes are averaged).
+
+``PatchExplorer.widget()`` builds an ipywidgets panel (JupyterLab, Jupyter Notebook, Colab);
+``PatchExplorer.figure(...)`` draws the same views as one static matplotlib figure, which is what
+:func:`show_explorer` shows when there is no widget front end (papermill, CI, a script).
+
+The CT is re-read from the manifest path in the store's ``image`` column and resampled
+(linear) onto the subject's 1 mm grid recorded by preprocessing (``record['grid_1mm']``), so the
+boxes from ``record['corners_subject']`` sit where the patches were cut. When the image or the
+geometry is not available, the subject's own patches are pasted at their corners into a mosaic
+volume instead (the figure says which).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from drasclr_lib.viz.maps import LOBE_NAMES
+
+__all__ = [
+    "SubjectVolume",
+    "load_subject_volume",
+    "cosine_to",
+    "similar_subjects",
+    "similarity_slice",
+    "PatchExplorer",
+    "show_explorer",
+]
+
+
+@dataclass
+class SubjectVolume:
+    """A subject's volume and where its patches lie in it.
+
+    Attributes:
+        sid: subject id.
+        hu: (K, J, I) int16 HU volume in SimpleITK array order (axial slices along axis 0).
+        corners: (L, 3) int64 patch corners (i, j, k) in ``hu``'s voxel grid.
+        patch_size: P.
+        source: ``"CT"`` (the re-read scan) or ``"patch mosaic"`` (patches pasted at their corners).
+    """
+
+    sid: str
+    hu: np.ndarray
+    corners: np.ndarray
+    patch_size: int
+    source: str
+
+    def patches_on_slice(self, k: int) -> np.ndarray:
+        """Indices of the patches whose box crosses axial slice ``k``."""
+        kc = self.corners[:, 2]
+        return np.flatnonzero((kc <= k) & (k < kc + self.patch_size))
+
+    def center_slice(self, loc: int) -> int:
+        """The axial slice through the centre of patch ``loc`` (clipped to the volume)."""
+        return int(np.clip(self.corners[loc, 2] + self.patch_size // 2, 0, self.hu.shape[0] - 1))
+
+
+def _grid_image(grid: dict):
+    import SimpleITK as sitk
+
+    ref = sitk.Image([int(v) for v in grid["size"]], sitk.sitkInt16)
+    ref.SetOrigin([float(v) for v in grid["origin"]])
+    ref.SetSpacing([float(v) for v in grid["spacing"]])
+    ref.SetDirection([float(v) for v in np.asarray(grid["direction"], dtype=np.float64).ravel()])
+    return ref
+
+
+def _ct_volume(store, s: int, record: dict) -> SubjectVolume:
+    """Re-read the CT of subject ``s`` and resample it onto its recorded 1 mm grid."""
+    import SimpleITK as sitk
+
+    sid = store.sids[s]
+    if "image" not in store.table.columns:
+        raise FileNotFoundError(f"subject {sid}: the store's subjects.csv has no 'image' column")
+    path = store.table.loc[sid, "image"]
+    if not isinstance(path, str) or not Path(path).exists():
+        raise FileNotFoundError(f"subject {sid}: CT file {path!r} (subjects.csv 'image') does not exist")
+    for key in ("grid_1mm", "corners_subject"):
+        if key not in record:
+            raise KeyError(f"subject {sid}: record {store.root / 'subjects' / (sid + '.json')} has no {key!r}")
+    try:
+        from drasclr_lib.preprocess.io import read_ct
+
+        img = read_ct(path, sid=sid)
+    except ImportError:  # pragma: no cover - the preprocess package is part of drasclr_lib
+        img = sitk.ReadImage(str(path), sitk.sitkFloat32)
+    ref = _grid_image(record["grid_1mm"])
+    res = sitk.Resample(sitk.Cast(img, sitk.sitkFloat32), ref, sitk.Transform(), sitk.sitkLinear, -1024.0,
+                        sitk.sitkFloat32)
+    hu = np.clip(np.rint(sitk.GetArrayFromImage(res)), -1024, 3071).astype(np.int16)
+    return SubjectVolume(sid, hu, np.asarray(record["corners_subject"], dtype=np.int64), store.patch_size, "CT")
+
+
+def _mosaic_volume(store, s: int, record: dict) -> SubjectVolume:
+    """Paste the subject's patches at their corners (subject grid when known, else atlas grid)."""
+    sid = store.sids[s]
+    corners = np.asarray(record.get("corners_subject", store.atlas_corners), dtype=np.int64)
+    P = store.patch_size
+    lo = corners.min(axis=0)
+    shape_ijk = corners.max(axis=0) - lo + P
+    hu = np.full(tuple(shape_ijk[::-1]), -1024, dtype=np.int16)
+    local = corners - lo
+    patches = store.patches(s)
+    for n, (i, j, k) in enumerate(local):
+        hu[k:k + P, j:j + P, i:i + P] = patches[n]
+    return SubjectVolume(sid, hu, local, P, "patch mosaic")
+
+
+def load_subject_volume(store, subject: int | str, *, source: str = "auto") -> SubjectVolume:
+    """The volume the explorer draws for one subject.
+
+    Args:
+        store: a ``PatchStore``.
+        subject: index or id.
+        source: ``"ct"`` (re-read and resample the scan; raises when impossible), ``"patches"``
+            (mosaic of the stored patches), or ``"auto"`` (CT when possible, else the mosaic).
+
+    Returns:
+        :class:`SubjectVolume`.
+
+    Raises:
+        ValueError: for an unknown ``source``.
+        FileNotFoundError, KeyError: with ``source="ct"`` when the scan or its geometry is missing.
+    """
+    if source not in {"auto", "ct", "patches"}:
+        raise ValueError(f"source must be 'auto', 'ct' or 'patches', got {source!r}")
+    s = subject if isinstance(subject, (int, np.integer)) else store.index(subject)
+    record = store.record(int(s))
+    if source == "patches":
+        return _mosaic_volume(store, int(s), record)
+    try:
+        return _ct_volume(store, int(s), record)
+    except (FileNotFoundError, KeyError):
+        if source == "ct":
+            raise
+        return _mosaic_volume(store, int(s), record)
+
+
+# -- similarity -------------------------------------------------------------------------------
+def cosine_to(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``vectors (M, D)`` to ``query (D,)``: (M,) in [-1, 1]."""
+    v = np.asarray(vectors, dtype=np.float64)
+    q = np.asarray(query, dtype=np.float64)
+    denom = np.linalg.norm(v, axis=1) * np.linalg.norm(q)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denom > 0, v @ q / np.where(denom > 0, denom, 1.0), 0.0)
+
+
+def similar_subjects(h: np.ndarray, subject: int, loc: int, n: int = 3):
+    """The most and least similar other subjects at one location.
+
+    Args:
+        h: (N, L, D) embeddings.
+        subject: the query subject's index.
+        loc: the location index.
+        n: how many of each (capped at N - 1).
+
+    Returns:
+        ``(most, least)``: lists of ``(subject_index, cosine)``, most similar first / least
+        similar first.
+    """
+    sims = cosine_to(h[:, loc], h[subject, loc])
+    others = np.array([i for i in np.argsort(-sims, kind="stable") if i != subject], dtype=np.int64)
+    n = min(n, len(others))
+    most = [(int(i), float(sims[i])) for i in others[:n]]
+    least = [(int(i), float(sims[i])) for i in others[::-1][:n]]
+    return most, least
+
+
+def similarity_slice(volume: SubjectVolume, values: np.ndarray, k: int) -> np.ndarray:
+    """Paint each patch box crossing axial slice ``k`` with its value (overlaps averaged).
+
+    Args:
+        volume: the subject's volume and corners.
+        values: (L,) value per patch (e.g. cosine similarity).
+        k: axial slice index.
+
+    Returns:
+        (J, I) float array, NaN where no patch lies.
+    """
+    _, J, I = volume.hu.shape
+    P = volume.patch_size
+    acc = np.zeros((J, I))
+    cnt = np.zeros((J, I))
+    for n in volume.patches_on_slice(k):
+        i, j, _ = volume.corners[n]
+        j0, j1, i0, i1 = max(j, 0), min(j + P, J), max(i, 0), min(i + P, I)
+        if j1 > j0 and i1 > i0:
+            acc[j0:j1, i0:i1] += values[n]
+            cnt[j0:j1, i0:i1] += 1
+    with np.errstate(invalid="ignore"):
+        return np.where(cnt > 0, acc / np.maximum(cnt, 1), np.nan)
+
+
+# -- the explorer -----------------------------------------------------------------------------
+class PatchExplorer:
+    """Browse a cohort's patches with their embeddings.
+
+    Args:
+        emb: :class:`~drasclr_lib.embed.EmbeddingSet` of the store's subjects.
+        store: the ``PatchStore`` the embeddings were computed from.
+        subject: the subject shown first (index or id; default the first).
+        n_similar: how many most / least similar subjects to show.
+        source: volume source, see :func:`load_subject_volume`.
+        table: optional per-patch facts (:func:`drasclr_lib.embed.patch_table`) shown in titles.
+
+    Raises:
+        ValueError: when the embeddings and the store disagree (subjects or locations).
+    """
+
+    def __init__(self, emb, store, *, subject: int | str | None = None, n_similar: int = 3, source: str = "auto",
+                 table: dict | None = None):
+        if emb.num_locations != store.num_locations:
+            raise ValueError(f"embeddings have {emb.num_locations} locations, the store {store.root} has "
+                             f"{store.num_locations}")
+        missing = [s for s in emb.sids if s not in set(store.sids)]
+        if missing:
+            raise ValueError(f"subjects {missing[:5]} of the embeddings are not in the store {store.root}")
+        if n_similar < 1:
+            raise ValueError(f"n_similar must be positive, got {n_similar}")
+        self.emb, self.store, self.n_similar, self.source, self.table = emb, store, int(n_similar), source, table
+        self._volumes: dict[str, SubjectVolume] = {}
+        self.subject = 0 if subject is None else (
+            int(subject) if isinstance(subject, (int, np.integer)) else emb.index(subject))
+        if not 0 <= self.subject < emb.num_subjects:
+            raise ValueError(f"subject index {self.subject} is outside 0..{emb.num_subjects - 1}")
+
+    def volume(self, subject: int) -> SubjectVolume:
+        """The (cached) volume of embedding row ``subject``."""
+        sid = self.emb.sids[subject]
+        if sid not in self._volumes:
+            self._volumes = {sid: load_subject_volume(self.store, sid, source=self.source)}  # keep one in memory
+        return self._volumes[sid]
+
+    def default_location(self, subject: int) -> int:
+        """A patch worth looking at first: the one with the most emphysema, else the middle one."""
+        if self.table is not None:
+            e = np.asarray(self.table["emph_fraction"], dtype=np.float64)[subject]
+            if np.isfinite(e).any() and np.nanmax(e) > 0:
+                return int(np.nanargmax(e))
+        return self.emb.num_locations // 2
+
+    def _patch_title(self, subject: int, loc: int) -> str:
+        bits = [self.emb.sids[subject]]
+        if self.table is not None:
+            e = float(np.asarray(self.table["emph_fraction"], dtype=np.float64)[subject, loc])
+            if np.isfinite(e):
+                bits.append(f"emph {e:.2f}")
+        return " ".join(bits)
+
+    def figure(self, subject: int | None = None, loc: int | None = None, k: int | None = None, *,
+               heatmap: bool = True):
+        """Draw the explorer's views as one matplotlib figure.
+
+        Top row: the CT slice with the patch grid (picked patch in red), and the same slice with the
+        similarity heatmap. Bottom row: the picked patch, then the patches at its location in the
+        most and the least similar subjects (middle axial slice of each 32³ patch).
+
+        Args:
+            subject: embedding row (default: the explorer's subject).
+            loc: picked location (default :meth:`default_location`).
+            k: axial slice (default: through the picked patch's centre).
+            heatmap: draw the similarity heatmap panel.
+
+        Returns:
+            The ``matplotlib.figure.Figure``.
+        """
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Rectangle
+
+        s = self.subject if subject is None else int(subject)
+        loc = self.default_location(s) if loc is None else int(loc)
+        if not 0 <= loc < self.emb.num_locations:
+            raise ValueError(f"location {loc} is outside 0..{self.emb.num_locations - 1}")
+        vol = self.volume(s)
+        k = vol.center_slice(loc) if k is None else int(np.clip(k, 0, vol.hu.shape[0] - 1))
+        P = vol.patch_size
+        most, least = similar_subjects(self.emb.h, s, loc, self.n_similar)
+        n_thumb = 1 + len(most) + len(least)
+        fig = plt.figure(figsize=(max(10, 1.6 * n_thumb), 8.2))
+        gs = fig.add_gridspec(2, max(n_thumb, 2), height_ratios=[3, 1.25])
+        half = max(n_thumb, 2) // 2
+        ax_ct = fig.add_subplot(gs[0, :half])
+        ax_hm = fig.add_subplot(gs[0, half:])
+        sl = vol.hu[k]
+        for ax in (ax_ct, ax_hm):
+            ax.imshow(sl, cmap="gray", vmin=-1024, vmax=240, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        on_slice = vol.patches_on_slice(k)
+        for n in on_slice:
+            i, j, _ = vol.corners[n]
+            ax_ct.add_patch(Rectangle((i - 0.5, j - 0.5), P, P, fill=False, lw=0.6, ec="deepskyblue", alpha=0.7))
+        if loc in on_slice:
+            i, j, _ = vol.corners[loc]
+            for ax in (ax_ct, ax_hm):
+                ax.add_patch(Rectangle((i - 0.5, j - 0.5), P, P, fill=False, lw=2.0, ec="red"))
+        ax_ct.set_title(f"{self.emb.sids[s]} ({vol.source}), axial slice {k}: {len(on_slice)} patches; "
+                        f"picked #{loc} in red", fontsize=9)
+        sims = cosine_to(self.emb.h[s], self.emb.h[s, loc])
+        if heatmap:
+            hm = similarity_slice(vol, sims, k)
+            im = ax_hm.imshow(hm, cmap="RdYlBu_r", vmin=-1, vmax=1, alpha=0.55, interpolation="nearest")
+            fig.colorbar(im, ax=ax_hm, fraction=0.046, pad=0.02, label="cosine similarity to picked patch")
+        ax_hm.set_title("similarity of every patch of this subject to the picked one", fontsize=9)
+        thumbs = [(s, None, "picked")] + [(i, c, "most similar") for i, c in most] + \
+                 [(i, c, "least similar") for i, c in least]
+        for col, (subj, cos, kind) in enumerate(thumbs):
+            ax = fig.add_subplot(gs[1, col])
+            patch = self.store.get(self.emb.sids[subj], loc)
+            ax.imshow(patch[P // 2], cmap="gray", vmin=-1024, vmax=240, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            colour = {"picked": "red", "most similar": "tab:green", "least similar": "tab:purple"}[kind]
+            for side in ax.spines.values():
+                side.set_edgecolor(colour)
+                side.set_linewidth(2)
+            head = kind if cos is None else f"{kind}\ncos {cos:.3f}"
+            ax.set_title(f"{head}\n{self._patch_title(subj, loc)}", fontsize=7)
+        lobe = ""
+        if self.table is not None:
+            lobe = f", lobe {LOBE_NAMES.get(int(np.asarray(self.table['lobe'])[s, loc]), '?')}"
+        fig.suptitle(f"Patch #{loc} (atlas corner {self.emb.atlas_corners[loc].tolist()}{lobe}) of "
+                     f"{self.emb.sids[s]}", fontsize=10)
+        fig.tight_layout()
+        return fig
+
+    def widget(self):
+        """The interactive panel: subject, patch and slice controls above the live figure.
+
+        Returns:
+            An ``ipywidgets.VBox``; display it in a notebook (JupyterLab, Colab). Widgets can be
+            built without a front end; they only render in one.
+        """
+        import ipywidgets as w
+        import matplotlib.pyplot as plt
+        from IPython.display import display
+
+        L = self.emb.num_locations
+        s0 = self.subject
+        loc0 = self.default_location(s0)
+        vol = self.volume(s0)
+        subject = w.Dropdown(options=[(sid, i) for i, sid in enumerate(self.emb.sids)], value=s0,
+                             description="subject")
+        patch = w.IntSlider(value=loc0, min=0, max=L - 1, description="patch #", continuous_update=False)
+        slice_ = w.IntSlider(value=vol.center_slice(loc0), min=0, max=vol.hu.shape[0] - 1,
+                             description="axial slice", continuous_update=False)
+        on_slice = w.Dropdown(description="on slice", options=[], layout=w.Layout(width="220px"))
+        heat = w.Checkbox(value=True, description="similarity heatmap")
+        out = w.Output()
+        state = {"busy": False}
+
+        def redraw(*_):
+            with out:
+                out.clear_output(wait=True)
+                fig = self.figure(subject.value, patch.value, slice_.value, heatmap=heat.value)
+                display(fig)
+                plt.close(fig)
+
+        def refresh_on_slice():
+            v = self.volume(subject.value)
+            idx = v.patches_on_slice(slice_.value)
+            state["busy"] = True
+            on_slice.options = [("pick a patch on this slice", -1)] + [(f"#{n}", int(n)) for n in idx]
+            on_slice.value = -1
+            state["busy"] = False
+
+        def on_subject(change):
+            self.subject = change["new"]
+            v = self.volume(change["new"])
+            state["busy"] = True
+            slice_.max = v.hu.shape[0] - 1
+            slice_.value = v.center_slice(patch.value)
+            state["busy"] = False
+            refresh_on_slice()
+            redraw()
+
+        def on_patch(change):
+            if state["busy"]:
+                return
+            state["busy"] = True
+            slice_.value = self.volume(subject.value).center_slice(change["new"])  # jump to the patch
+            state["busy"] = False
+            refresh_on_slice()
+            redraw()
+
+        def on_slice_change(change):
+            if state["busy"]:
+                return
+            refresh_on_slice()
+            redraw()
+
+        def on_pick(change):
+            if state["busy"] or change["new"] is None or change["new"] < 0:
+                return
+            state["busy"] = True
+            patch.value = change["new"]  # keep the slice where the user is
+            state["busy"] = False
+            redraw()
+
+        subject.observe(on_subject, names="value")
+        patch.observe(on_patch, names="value")
+        slice_.observe(on_slice_change, names="value")
+        on_slice.observe(on_pick, names="value")
+        heat.observe(redraw, names="value")
+        refresh_on_slice()
+        redraw()
+        panel = w.VBox([w.HBox([subject, patch, heat]), w.HBox([slice_, on_slice]), out])
+        panel.controls = {"subject": subject, "patch": patch, "slice": slice_, "on_slice": on_slice,
+                          "heatmap": heat, "output": out}
+        return panel
+
+
+def show_explorer(explorer: PatchExplorer, *, interactive: bool | None = None, save_to: str | os.PathLike | None = None,
+                  locations: int = 2):
+    """Show the explorer as widgets, or as static figures where no widget front end exists.
+
+    Args:
+        explorer: the :class:`PatchExplorer`.
+        interactive: ``True`` displays the widget panel; ``False`` draws static figures; ``None``
+            decides from the environment variable ``DRASCLR_INTERACTIVE`` (``"0"`` = static),
+            default interactive. Notebooks pass their ``INTERACTIVE`` parameter (``False`` under
+            papermill / CI, where no front end renders widgets).
+        save_to: folder where static figures are saved (``explorer_<sid>_<loc>.png``).
+        locations: how many static views (the patch with most emphysema, then the middle one).
+
+    Returns:
+        The widget panel, or the list of saved figure paths (empty when ``save_to`` is None).
+    """
+    from IPython.display import display
+
+    if interactive is None:
+        interactive = os.environ.get("DRASCLR_INTERACTIVE", "1") != "0"
+    if interactive:
+        panel = explorer.widget()
+        display(panel)
+        return panel
+    import matplotlib.pyplot as plt
+
+    from drasclr_lib.viz.maps import save_figure
+
+    s = explorer.subject
+    locs = [explorer.default_location(s), explorer.emb.num_locations // 2][:max(1, locations)]
+    saved = []
+    for loc in dict.fromkeys(locs):  # unique, in order
+        fig = explorer.figure(s, loc)
+        if save_to is not None:
+            saved.append(save_figure(fig, Path(save_to) / f"explorer_{explorer.emb.sids[s]}_{loc}.png"))
+        plt.show()
+        plt.close(fig)
+    return saved

@@ -154,7 +154,7 @@ def load_source(path: str | os.PathLike) -> dict[str, Any]:
         raise ManifestError(f"{path}: a data-source file must be a YAML mapping, got {type(spec).__name__}")
     if not spec.get("name"):
         raise ManifestError(f"{path}: field 'name' is required")
-    for key in ("columns", "paths", "recode"):
+    for key in ("columns", "optional_columns", "paths", "recode", "scale"):
         if spec.get(key) is not None and not isinstance(spec[key], dict):
             raise ManifestError(f"{path}: field {key!r} must be a mapping, got {type(spec[key]).__name__}")
     recode = spec.get("recode") or {}
@@ -191,6 +191,14 @@ def _recode_value(value: Any, mapping: dict[str, Any]) -> Any:
     except ValueError:
         pass
     return value
+
+
+def _scale_value(value: Any, factor: float) -> Any:
+    """``value * factor`` for a parsable number; anything else is left for validation to report."""
+    try:
+        return repr(_parse_number(value) * factor)
+    except (TypeError, ValueError):
+        return value
 
 
 def _is_missing(value: Any) -> bool:
@@ -333,7 +341,7 @@ def _validate(df: pd.DataFrame, *, base: Path, source: str, table: Path) -> pd.D
             out[col] = pd.Series(np.nan, index=df.index, dtype=object)
 
     numeric = dict(NUMERIC_COLUMNS)
-    for col in list(df.columns) + list(EMPH_SUBTYPE_COLUMNS):
+    for col in list(EMPH_SUBTYPE_COLUMNS) + list(df.columns):
         if col.startswith("emph_") and col not in numeric and col != "emph_grade":
             numeric[col] = (0.0, 1.0, False)
     for col, bounds in numeric.items():
@@ -380,12 +388,17 @@ def _from_source(path: Path) -> pd.DataFrame:
     if absent:
         raise ManifestError(f"{context}: columns {absent} named in 'columns' are not in {table} "
                             f"(found {list(df.columns)})")
+    # optional_columns: same mapping, silently skipped when the table lacks them
+    columns.update({str(k): str(v) for k, v in (spec.get("optional_columns") or {}).items() if str(k) in df.columns})
     df = df.rename(columns={k: v for k, v in columns.items() if k in df.columns})
     for col, mapping in (spec.get("recode") or {}).items():
         if col in df.columns:
             mapping = {str(k): (np.nan if v is None or (isinstance(v, str) and v.lower() in {"nan", ""}) else str(v))
                        for k, v in mapping.items()}
             df[col] = df[col].map(lambda v, m=mapping: _recode_value(v, m))
+    for col, factor in (spec.get("scale") or {}).items():  # unit conversion, e.g. days -> years
+        if col in df.columns:
+            df[col] = df[col].map(lambda v, f=float(factor): _scale_value(v, f))
     for col, template in (spec.get("paths") or {}).items():
         if col in df.columns:
             continue  # the table's own column wins

@@ -1,0 +1,181 @@
+"""The grid rule, the Atlas class and its geometry, the reference-subject choice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from drasclr_lib.preprocess.atlas import Atlas, atlas_landmarks, choose_reference, nearest_neighbors, normalize_locations
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED = REPO / ".." / "shared" / "reference"
+
+
+def _loop_rule(mask, patch_size, step, min_fraction, max_patches):
+    """The published triple loop, verbatim in structure (slow; tiny masks only)."""
+    nx, ny, nz = mask.shape
+    vol = patch_size**3
+    thr = min_fraction
+    while True:
+        kept = []
+        for x in range(0, nx - patch_size, step):
+            for y in range(0, ny - patch_size, step):
+                for z in range(0, nz - patch_size, step):
+                    if (mask[x:x + patch_size, y:y + patch_size, z:z + patch_size] > 0).sum() > thr * vol:
+                        kept.append([x, y, z])
+        if len(kept) < max_patches:
+            return np.array(kept, dtype=np.int64).reshape(-1, 3)
+        if thr < 1:
+            thr += 0.1
+        else:
+            return np.zeros((0, 3), dtype=np.int64)
+
+
+def test_grid_rule_hand_checked_bounds_and_strictness():
+    # 10 voxels per axis, patch 4, step 3: starts range(0, 10 - 4, 3) = 0, 3 (6 is excluded).
+    # Coordinates 0..2 lie only in window 0, 4..6 only in window 3, 7..9 in no window.
+    m = np.zeros((10, 10, 10), np.uint8)
+    m[0:3, 0:3, 0:3] = 1  # 27 voxels, all in patch (0, 0, 0)
+    m[4:7, 4:7, 4:6] = 2  # 18 voxels, all in patch (3, 3, 3)
+    m[7:10, 7:10, 7:10] = 1  # a patch at 6 would hold these; the rule never visits it
+    m[0:3, 4:7, 0:1] = 1  # 9 voxels in patch (0, 3, 0)
+    assert atlas_landmarks(m, patch_size=4, step=3, min_fraction=0.1).tolist() == [[0, 0, 0], [0, 3, 0], [3, 3, 3]]
+    assert atlas_landmarks(m, patch_size=4, step=3, min_fraction=9 / 64).tolist() == [[0, 0, 0], [3, 3, 3]]
+    # strictly more than the threshold: 18 voxels do not pass at 18/64
+    assert atlas_landmarks(m, patch_size=4, step=3, min_fraction=18 / 64).tolist() == [[0, 0, 0]]
+    assert atlas_landmarks(m, patch_size=4, step=3, min_fraction=27 / 64).shape == (0, 3)
+    # max_patches=3 with 3 kept raises the threshold to 0.2 (12.8 voxels): the 9-voxel patch drops
+    assert atlas_landmarks(m, patch_size=4, step=3, min_fraction=0.1, max_patches=3).tolist() == [[0, 0, 0], [3, 3, 3]]
+
+
+def test_grid_rule_last_start_excluded():
+    # size 8, patch 4, step 4: range(0, 4, 4) = [0] only, though a patch at 4 would fit
+    m = np.ones((8, 8, 8), np.uint8)
+    assert atlas_landmarks(m, patch_size=4, step=4).tolist() == [[0, 0, 0]]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_grid_rule_matches_published_loop(seed):
+    rng = np.random.default_rng(seed)
+    shape = tuple(rng.integers(20, 34, size=3))
+    m = np.zeros(shape, np.int16)
+    zz, yy, xx = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    m[((zz - shape[0] / 2) ** 2 / 80 + (yy - shape[1] / 2) ** 2 / 60 + (xx - shape[2] / 2) ** 2 / 50) < 1] = 50
+    m[rng.random(shape) < 0.05] = 100
+    for kwargs in ({"min_fraction": 0.1, "max_patches": 1000}, {"min_fraction": 0.05, "max_patches": 6}):
+        got = atlas_landmarks(m, patch_size=6, step=4, **kwargs)
+        want = _loop_rule(m, 6, 4, kwargs["min_fraction"], kwargs["max_patches"])
+        assert got.tolist() == want.tolist()
+
+
+def test_threshold_raised_when_too_many():
+    m = np.zeros((30, 30, 30), np.uint8)
+    m[:, :, :15] = 1  # patches with z start 0..: fractions 1.0, 1.0, 0.43, 0, ...
+    everything = atlas_landmarks(m, patch_size=6, step=3, min_fraction=0.0, max_patches=10**6)
+    few = atlas_landmarks(m, patch_size=6, step=3, min_fraction=0.1, max_patches=len(everything))
+    # at 0.1 the half-covered patches pass; the cap forces the threshold up until they drop
+    loose = atlas_landmarks(m, patch_size=6, step=3, min_fraction=0.1, max_patches=10**6)
+    assert len(few) < len(loose)
+    assert len(few) < len(everything)
+    # exactly max_patches also triggers the raise (>=)
+    exact = atlas_landmarks(m, patch_size=6, step=3, min_fraction=0.1, max_patches=len(loose))
+    assert len(exact) < len(loose)
+    assert atlas_landmarks(np.zeros((20, 20, 20)), patch_size=4, step=4).shape == (0, 3)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="3D"):
+        atlas_landmarks(np.ones((10, 10)))
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/reference is absent")
+def test_grid_rule_on_published_atlas():
+    import nibabel as nib
+
+    mask = np.asarray(nib.load(str(SHARED / "atlas_lung_mask.nii.gz")).dataobj)
+    published = np.load(SHARED / "atlas_patch_loc.npy")
+    corners = atlas_landmarks(mask)
+    assert corners.shape == (575, 3)
+    pub = {tuple(c) for c in published.tolist()}
+    assert all(tuple(c) in pub for c in corners.tolist())
+    # same visiting order as the published set
+    pos = [published.tolist().index(c) for c in corners.tolist()]
+    assert np.all(np.diff(pos) > 0)
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/reference is absent")
+def test_published_atlas_geometry_survives_reorientation():
+    atlas = Atlas.from_files(SHARED / "atlas_lung_mask.nii.gz", SHARED / "atlas_patch_loc.npy")
+    raw = sitk.ReadImage(str(SHARED / "atlas_lung_mask.nii.gz"))
+    assert atlas.num_locations == 581
+    assert atlas.mask.GetDirection() == pytest.approx((1, 0, 0, 0, 1, 0, 0, 0, 1))  # reoriented to LPS
+    assert raw.GetDirection() != atlas.mask.GetDirection()  # the file is stored with a flipped axis
+    for c in atlas.corners[[0, 100, 580]]:
+        p_file = np.array(raw.TransformContinuousIndexToPhysicalPoint([float(v) for v in c]))
+        assert np.allclose(atlas.index_to_physical(c[None])[0], p_file)
+        idx_re = atlas.mask.TransformPhysicalPointToIndex(tuple(p_file))
+        assert atlas.mask[idx_re] == (raw[[int(v) for v in c]] > 0)
+    # the published mask's voxels are lung at the same physical point either way
+    arr = atlas.mask_array_ijk()
+    assert np.array_equal(arr > 0, sitk.GetArrayFromImage(raw).transpose(2, 1, 0) > 0)
+    # grid rule on the mask alone gives the 575
+    assert Atlas.from_files(SHARED / "atlas_lung_mask.nii.gz").num_locations == 575
+
+
+def _flipped_mask():
+    m = np.zeros((70, 60, 50), np.uint8)  # (i, j, k)
+    m[10:35, 10:50, 8:42] = 1
+    m[40:62, 10:50, 8:42] = 2
+    img = sitk.GetImageFromArray(m.transpose(2, 1, 0).copy())
+    img.SetSpacing((1.0, 1.0, 1.0))
+    img.SetOrigin((100.0, -20.0, 5.0))
+    img.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, -1))  # stored flipped on i and k w.r.t. LPS
+    return m, img
+
+
+def test_atlas_from_files_and_save_roundtrip(tmp_path):
+    m, img = _flipped_mask()
+    sitk.WriteImage(img, str(tmp_path / "mask.nii.gz"))
+    atlas = Atlas.from_files(tmp_path / "mask.nii.gz", patch_size=16, step=10)
+    assert np.array_equal(atlas.corners, atlas_landmarks(m, patch_size=16, step=10))
+    assert atlas.locs.shape == atlas.corners.shape and atlas.locs.min() >= -1 and atlas.locs.max() <= 1
+    assert np.array_equal(atlas.neighbors(2), nearest_neighbors(atlas.corners, 2))
+    phys = atlas.patch_centers_physical()
+    want = np.array([img.TransformContinuousIndexToPhysicalPoint([float(v) + 7.5 for v in c]) for c in atlas.corners])
+    assert np.allclose(phys, want)
+    mask_p, lm_p = atlas.save(tmp_path / "store")
+    back = Atlas.from_files(mask_p, lm_p, patch_size=16)
+    assert np.array_equal(back.corners, atlas.corners)
+    assert np.allclose(back.patch_centers_physical(), phys)
+    assert np.array_equal(sitk.GetArrayFromImage(back.mask), sitk.GetArrayFromImage(atlas.mask))
+
+
+def test_atlas_validation(tmp_path):
+    _, img = _flipped_mask()
+    sitk.WriteImage(img, str(tmp_path / "mask.nii.gz"))
+    np.save(tmp_path / "bad.npy", np.array([[0, 0, 0], [1, 1, 1], [69, 0, 0]]))
+    with pytest.raises(ValueError, match="outside the atlas grid"):
+        Atlas.from_files(tmp_path / "mask.nii.gz", tmp_path / "bad.npy", patch_size=16)
+    with pytest.raises(FileNotFoundError):
+        Atlas.from_files(tmp_path / "nope.nii.gz")
+    empty = sitk.Image([40, 40, 40], sitk.sitkUInt8)
+    sitk.WriteImage(empty, str(tmp_path / "empty.nii.gz"))
+    with pytest.raises(ValueError, match="no lung"):
+        Atlas.from_files(tmp_path / "empty.nii.gz")
+
+
+def test_choose_reference_median_lung_volume(tmp_path):
+    rows = []
+    for sid, n in (("c", 30), ("a", 10), ("b", 20), ("d", 40)):
+        m = np.zeros((10, 10, 10), np.uint8)
+        m.flat[:n] = 1
+        sitk.WriteImage(sitk.GetImageFromArray(m), str(tmp_path / f"{sid}.nii.gz"))
+        rows.append({"sid": sid, "image": str(tmp_path / f"{sid}.nii.gz"), "lung_mask": str(tmp_path / f"{sid}.nii.gz")})
+    assert choose_reference(pd.DataFrame(rows)) == "b"  # lower median of 10, 20, 30, 40
+    assert choose_reference(pd.DataFrame(rows[:3])) == "b"
+    no_masks = pd.DataFrame(rows).drop(columns="lung_mask")
+    assert choose_reference(no_masks) in {"a", "b", "c", "d"}  # equal scanned volumes: sorted sid order

@@ -189,7 +189,7 @@ class Atlas:
         patch_size: edge of the patches in voxels.
 
     Raises:
-        ValueError: for corners that are not (L, 3) with L >= 3, or that lie outside the grid.
+        ValueError: for corners that are not (L, 3) with L >= 1, or that lie outside the grid.
     """
 
     mask: sitk.Image
@@ -201,8 +201,8 @@ class Atlas:
 
     def __post_init__(self):
         corners = np.asarray(self.corners)
-        if corners.ndim != 2 or corners.shape[1] != 3 or len(corners) < 3:
-            raise ValueError(f"atlas ({self.source}): corners must be (L, 3) with L >= 3, got shape {corners.shape}")
+        if corners.ndim != 2 or corners.shape[1] != 3 or len(corners) < 1:
+            raise ValueError(f"atlas ({self.source}): corners must be (L, 3) with L >= 1, got shape {corners.shape}")
         if not np.issubdtype(corners.dtype, np.integer):
             if not np.allclose(corners, np.round(corners)):
                 raise ValueError(f"atlas ({self.source}): corners must be integer voxel indices")

@@ -152,9 +152,9 @@ def test_yaml_source_maps_columns_recodes_and_fills_templates(tmp_path, monkeypa
     for sid in ("A1", "A2"):
         _write(data / "scans" / f"{sid}_INSP.nii.gz", "x")
     _write(data / "tables" / "subjects.csv",
-           "sid,FEV1pp_utah,FEV1_FVC_utah,finalGold,gender,days_followed,vital_status\n"
-           "A1,92.1,0.78,0,2,3652.5,0\n"
-           "A2,35.0,0.41,-1,1,730.5,1\n")
+           "sid,FEV1pp_utah,FEV1_FVC_utah,finalGold,gender,days_followed,vital_status,ccenter\n"
+           "A1,92.1,0.78,0,2,3652.5,0,NJC\n"
+           "A2,35.0,0.41,-1,1,730.5,1,BWH\n")
     monkeypatch.setenv("TOY_ROOT", str(data))
     path = _source(
         tmp_path,
@@ -162,6 +162,8 @@ def test_yaml_source_maps_columns_recodes_and_fills_templates(tmp_path, monkeypa
         root="${TOY_ROOT}",
         columns={"FEV1pp_utah": "FEV1pp", "FEV1_FVC_utah": "FEV1_FVC", "finalGold": "GOLD", "gender": "sex",
                  "vital_status": "event"},
+        optional_columns={"days_followed": "time", "not_in_this_table": "age"},
+        scale={"time": 1 / 365.25},
         recode={"GOLD": {-1: None}, "sex": {1: "M", 2: "F"}},
         paths={"image": "scans/{sid}_INSP.nii.gz"},
     )
@@ -172,7 +174,9 @@ def test_yaml_source_maps_columns_recodes_and_fills_templates(tmp_path, monkeypa
     assert df["sex"].tolist() == ["F", "M"]
     assert df["event"].tolist() == [0.0, 1.0]
     assert df.loc[1, "image"] == str((data / "scans" / "A2_INSP.nii.gz").resolve())
-    assert "days_followed" in df.columns  # unmapped source columns are kept
+    np.testing.assert_allclose(df["time"], [10.0, 2.0])  # days scaled to years
+    assert np.isnan(df["age"]).all()  # an optional column the table lacks is skipped
+    assert df["ccenter"].tolist() == ["NJC", "BWH"]  # unmapped source columns are kept
 
 
 def test_yaml_errors_name_the_table_row(tmp_path, monkeypatch):

@@ -55,7 +55,7 @@ def test_nearest_keeps_labels_and_type():
     out = resample_isotropic(lab, 1.0, interpolator="nearest", pad=4)
     assert out.GetPixelID() == sitk.sitkUInt8
     arr = sitk.GetArrayViewFromImage(out)
-    assert set(np.unique(arr)) <= {0, 1, 2} and np.all(arr[:4] == 0)
+    assert set(np.unique(arr)) <= {0, 1, 2} and np.all(arr[:2] == 0)  # > half a 3 mm voxel outside
 
 
 def test_isotropic_grid_validates():

@@ -29,7 +29,7 @@ import SimpleITK as sitk
 
 from drasclr_lib.preprocess.errors import PreprocessError
 
-__all__ = ["read_ct", "read_label", "reorient", "check_hu", "ORIENTATION", "MIN_AIR_FRACTION", "AIR_HU"]
+__all__ = ["read_ct", "read_label", "reorient", "check_hu", "check_finite", "ORIENTATION", "MIN_AIR_FRACTION", "AIR_HU"]
 
 #: The common orientation of every image handled by the pipeline.
 ORIENTATION = "LPS"
@@ -75,13 +75,7 @@ def check_hu(values: np.ndarray, *, sid: str | None = None, path=None) -> None:
         PreprocessError: stage ``"read"``.
     """
     values = np.asarray(values)
-    finite = np.isfinite(values)
-    if not finite.all():
-        n_nan = int(np.isnan(values).sum())
-        n_inf = int((~finite).sum()) - n_nan
-        raise PreprocessError(
-            f"image holds {n_nan} NaN and {n_inf} infinite voxel values; a CT must be finite HU everywhere",
-            stage="read", sid=sid, path=path)
+    check_finite(values, sid=sid, path=path)
     air_fraction = float(np.count_nonzero(values < AIR_HU)) / max(values.size, 1)
     if air_fraction < MIN_AIR_FRACTION:
         lo, hi = float(values.min()), float(values.max())
@@ -92,25 +86,93 @@ def check_hu(values: np.ndarray, *, sid: str | None = None, path=None) -> None:
             stage="read", sid=sid, path=path)
 
 
+def check_finite(values: np.ndarray, *, sid: str | None = None, path=None) -> None:
+    """Raise :class:`PreprocessError` (stage ``"read"``) when ``values`` hold NaN or infinities."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        n_nan = int(np.isnan(values).sum())
+        n_inf = int((~finite).sum()) - n_nan
+        raise PreprocessError(
+            f"image holds {n_nan} NaN and {n_inf} infinite voxel values; a CT must be finite HU everywhere",
+            stage="read", sid=sid, path=path)
+
+
 def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith(_NIFTI_SUFFIXES)
 
 
-def _check_nifti_header(path: Path, sid, required_dims: int | None = None) -> None:
-    """Read the raw NIfTI header with nibabel: readable, 3D, positive spacing."""
+def _nifti_truncated(path: Path, expected: int) -> bool:
+    """True when the (decompressed) file is shorter than header + voxel data.
+
+    Needed because SimpleITK reads a truncated ``.nii.gz`` without an error (missing voxels come
+    back as garbage). For gzip the trailer's ISIZE is compared first (cheap); only on a mismatch
+    is the stream decompressed to be sure.
+    """
+    if not path.name.lower().endswith(".gz"):
+        return path.stat().st_size < expected
+    import zlib
+
+    with open(path, "rb") as fh:
+        fh.seek(0, 2)
+        if fh.tell() < 18:
+            return True
+        fh.seek(-4, 2)
+        if int.from_bytes(fh.read(4), "little") == expected % (1 << 32):
+            return False
+        fh.seek(0)
+        dec = zlib.decompressobj(wbits=31)
+        total = 0
+        try:
+            while chunk := fh.read(1 << 22):
+                total += len(dec.decompress(chunk))
+                while dec.eof and dec.unused_data:  # concatenated gzip members
+                    rest = dec.unused_data
+                    dec = zlib.decompressobj(wbits=31)
+                    total += len(dec.decompress(rest))
+        except zlib.error:
+            return True
+        return total < expected or not dec.eof
+
+
+def _check_nifti_header(path: Path, sid) -> None:
+    """Checks SimpleITK cannot be trusted with: header, spacing, truncation, NaN/inf.
+
+    SimpleITK (niftilib) replaces a non-positive pixdim by 1 and NaN/inf voxels by 0 without a
+    word, and reads a truncated ``.nii.gz``; so the raw header and, for floating-point files,
+    the voxels are checked here with nibabel.
+    """
     import nibabel as nib
 
     try:
-        hdr = nib.load(str(path)).header
+        nimg = nib.load(str(path))
+        hdr = nimg.header
     except Exception as exc:  # nibabel raises many types for broken files
         raise PreprocessError(f"cannot read the NIfTI header ({type(exc).__name__}: {exc}); the file is corrupt or not NIfTI",
                               stage="read", sid=sid, path=path) from exc
-    dim = [int(d) for d in hdr["dim"]]
+    try:  # nibabel's loaded header has pixdim "fixed" to abs values: read the raw one
+        with nib.openers.ImageOpener(str(path)) as fh:
+            raw = type(hdr).from_fileobj(fh, check=False)
+    except Exception as exc:
+        raise PreprocessError(f"cannot read the NIfTI header ({type(exc).__name__}: {exc}); the file is corrupt",
+                              stage="read", sid=sid, path=path) from exc
+    dim = [int(d) for d in raw["dim"]]
     ndim = dim[0]
-    pixdim = [float(p) for p in hdr["pixdim"][1:1 + min(max(ndim, 1), 3)]]
+    pixdim = [float(p) for p in raw["pixdim"][1:1 + min(max(ndim, 1), 3)]]
     if not np.all(np.isfinite(pixdim)) or any(p <= 0 for p in pixdim):
         raise PreprocessError(f"invalid voxel spacing in the NIfTI header: pixdim {pixdim} (must be > 0 mm)",
                               stage="read", sid=sid, path=path)
+    n_vox = int(np.prod([max(d, 1) for d in dim[1:1 + max(ndim, 1)]]))
+    expected = int(hdr["vox_offset"]) + n_vox * int(hdr["bitpix"]) // 8
+    if _nifti_truncated(path, expected):
+        raise PreprocessError(f"the NIfTI file is truncated or corrupt: it holds fewer than the {expected} bytes "
+                              "its header announces", stage="read", sid=sid, path=path)
+    if hdr.get_data_dtype().kind in "fc":
+        try:
+            data = np.asanyarray(nimg.dataobj)
+        except Exception as exc:
+            raise PreprocessError(f"cannot read the NIfTI voxels ({type(exc).__name__}: {exc}); the file is corrupt",
+                                  stage="read", sid=sid, path=path) from exc
+        check_finite(data, sid=sid, path=path)
 
 
 def _read_dicom_folder(folder: Path, sid) -> sitk.Image:

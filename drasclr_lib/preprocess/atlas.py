@@ -387,8 +387,9 @@ def choose_reference(manifest_df) -> str:
 
     Rule: the subject whose lung volume is the cohort median (the lower median for an even
     count; ties by sorted ``sid``), so the atlas is neither a small nor a large lung. Lung
-    volumes come from the manifest's ``lung_mask`` files when the column is filled for every
-    subject (count of nonzero voxels times voxel volume, read from the mask files only).
+    volumes come from the manifest's ``lung_mask`` files when the column is filled (count of
+    nonzero voxels times voxel volume, read from the mask files only; only subjects with a
+    readable mask are candidates).
     Without masks the same rule uses the scanned volume of each image (size times spacing, read
     from the file headers only, no pixel data), a cheap stand-in that avoids segmenting the
     whole cohort before it is processed.
@@ -408,10 +409,12 @@ def choose_reference(manifest_df) -> str:
     df["sid"] = df["sid"].astype(str)
     df = df.sort_values("sid").reset_index(drop=True)
     volumes = []
-    use_masks = "lung_mask" in df.columns and df["lung_mask"].notna().all()
+    use_masks = "lung_mask" in df.columns and df["lung_mask"].notna().any()
     for _, row in df.iterrows():
         try:
             if use_masks:
+                if not isinstance(row["lung_mask"], str) or not row["lung_mask"].strip():
+                    raise ValueError("no lung mask")  # candidates are the subjects with a mask
                 m = sitk.ReadImage(str(row["lung_mask"]))
                 vox = float(np.prod(m.GetSpacing()))
                 volumes.append(float(np.count_nonzero(sitk.GetArrayViewFromImage(m))) * vox)

@@ -13,15 +13,32 @@ import torch.nn.functional as F
 __all__ = ["info_nce", "neighbor_info_nce", "topk_accuracy"]
 
 
+def _negative_logits(query: torch.Tensor, negs: torch.Tensor) -> torch.Tensor:
+    """(B, D) x negatives (K, D) or (B, K, D) -> (B, K)."""
+    if negs.dim() == 3:
+        if negs.shape[0] != query.shape[0]:
+            raise ValueError(f"per-sample negatives have {negs.shape[0]} rows for a batch of {query.shape[0]}")
+        return torch.einsum("bd,bkd->bk", query, negs.to(query.dtype))
+    return query @ negs.to(query.dtype).T
+
+
 def _check_temperature(temperature: float) -> None:
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"temperature must be a positive number, got {temperature!r}")
 
 
 def _negatives_kd(negatives: torch.Tensor, dim: int) -> torch.Tensor:
-    """Return negatives as (K, D); accepts (K, D) or the queue's (D, K) (a square matrix is read as (K, D))."""
+    """Return negatives as (K, D) or (B, K, D).
+
+    Accepts (K, D), the queue's (D, K) (a square matrix is read as (K, D)), or per-sample
+    negatives (B, K, D).
+    """
+    if negatives.dim() == 3:
+        if negatives.shape[2] != dim:
+            raise ValueError(f"per-sample negatives must be (B, K, D={dim}), got shape {tuple(negatives.shape)}")
+        return negatives
     if negatives.dim() != 2:
-        raise ValueError(f"negatives must be (K, D) or (D, K), got shape {tuple(negatives.shape)}")
+        raise ValueError(f"negatives must be (K, D), (D, K) or (B, K, D), got shape {tuple(negatives.shape)}")
     if negatives.shape[1] == dim:
         return negatives
     if negatives.shape[0] == dim:
@@ -36,7 +53,7 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperat
     Args:
         q: (B, D) queries (L2-normalised by the caller).
         k: (B, D) positive keys, one per query (detached here).
-        negatives: (K, D), or (D, K) as the queue stores them (detached here).
+        negatives: (K, D), or (D, K) as the queue stores them, or per-sample (B, K, D) (detached here).
         temperature: softmax temperature ``tau > 0``.
 
     Returns:
@@ -50,9 +67,9 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperat
     if q.dim() != 2 or k.shape != q.shape:
         raise ValueError(f"q and k must both be (B, D), got {tuple(q.shape)} and {tuple(k.shape)}")
     negs = _negatives_kd(negatives, q.shape[1]).detach()  # negs: KxD
-    k = k.detach()
+    k = k.detach().to(q.dtype)
     l_pos = torch.einsum("bd,bd->b", q, k).unsqueeze(-1)  # l_pos: Bx1
-    l_neg = q @ negs.T  # l_neg: BxK
+    l_neg = _negative_logits(q, negs)  # l_neg: BxK
     logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # logits: Bx(1+K)
     labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     return F.cross_entropy(logits, labels), logits
@@ -69,7 +86,7 @@ def neighbor_info_nce(r: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor,
     Args:
         r: (B, Kn, D) neighbour embeddings (each L2-normalised by the caller).
         k: (B, D) the anchors' keys (detached here).
-        negatives: (K, D) or (D, K) negatives of the anchor's location (detached here).
+        negatives: (K, D), (D, K) or per-sample (B, K, D) negatives of the anchor's location (detached).
         temperature: softmax temperature ``tau > 0``.
 
     Returns:
@@ -83,8 +100,8 @@ def neighbor_info_nce(r: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor,
         raise ValueError(f"r must be (B, Kn, D) and k (B, D), got {tuple(r.shape)} and {tuple(k.shape)}")
     negs = _negatives_kd(negatives, k.shape[1]).detach()  # negs: KxD
     r_sum = r.sum(dim=1)  # r_sum: BxD
-    l_pos = torch.einsum("bd,bd->b", r_sum, k.detach()).unsqueeze(-1)  # l_pos: Bx1
-    l_neg = r_sum @ negs.T  # l_neg: BxK
+    l_pos = torch.einsum("bd,bd->b", r_sum, k.detach().to(r_sum.dtype)).unsqueeze(-1)  # l_pos: Bx1
+    l_neg = _negative_logits(r_sum, negs)  # l_neg: BxK
     logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # logits: Bx(1+K)
     labels = torch.zeros(r.shape[0], dtype=torch.long, device=r.device)
     return F.cross_entropy(logits, labels), logits

@@ -11,6 +11,15 @@ from torch import nn
 from drasclr_lib.models import DrasEncoder, load_encoder
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one thread avoids OpenMP spin-waiting on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ------------------------------------------------------------------------------------------------
 # An independent re-implementation of the published encoder (batmanlab/DrasCLR models/cnn3d.py and
 # models/condconv3d.py): per-sample Python loop, routing on the flattened location, MoCo v2 MLP head

@@ -1,0 +1,271 @@
+"""DrasCLR: MoCo v2 with one negative queue per anatomical location and a neighbour loss.
+
+The module holds the state (query encoder, momentum key encoder, queues ``(dim, K, L)`` and one
+pointer per location); the losses are the pure functions of :mod:`drasclr_lib.losses`. The same
+code runs on a CPU, one GPU, or under ``torchrun`` (DDP is used only when
+``torch.distributed.is_initialized()``). State-dict keys are ``encoder_q.*``, ``encoder_k.*``,
+``queue``, ``queue_ptr``; the published checkpoint has the same keys behind a ``module.`` prefix
+(:func:`strip_module_prefix`).
+
+Why split-batch BatchNorm on one device: BatchNorm in train mode normalises with the statistics of
+the batch it sees. If query and key encoders see the same batch statistics, the positive pair can
+be recognised through them (the model "cheats" through BN). MoCo shuffles the key batch across
+GPUs so each GPU's key sub-batch differs from its query sub-batch. On one device a permutation
+alone changes nothing: the mean and variance of a batch do not depend on its order. So the key
+batch is shuffled, split into ``split_bn`` sub-batches that are normalised separately (train mode,
+statistics per sub-batch), concatenated and unshuffled (MoCo's single-GPU demo does the same).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from drasclr_lib.losses import info_nce, neighbor_info_nce, topk_accuracy
+from drasclr_lib.models.encoder import DrasEncoder
+
+__all__ = ["DrasCLR", "concat_all_gather", "strip_module_prefix"]
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@torch.no_grad()
+def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` (same shape on every process) from all processes along dim 0 (no gradient).
+
+    Returns the tensor itself when not running distributed.
+    """
+    if not _distributed():
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered, dim=0)
+
+
+def strip_module_prefix(state_dict: dict, prefix: str = "module.") -> dict:
+    """Remove a DistributedDataParallel ``module.`` prefix from every key that has it."""
+    n = len(prefix)
+    return {(k[n:] if k.startswith(prefix) else k): v for k, v in state_dict.items()}
+
+
+class DrasCLR(nn.Module):
+    """Query/key encoders, per-location queues and the DrasCLR losses.
+
+    Args:
+        encoder_q: the query encoder (trained by gradient); the key encoder is a deep copy updated
+            by momentum.
+        num_locations: number of anatomical locations ``L`` (one queue each).
+        queue_size: negatives per location ``K``.
+        momentum: key-encoder momentum ``m`` (``theta_k <- m theta_k + (1 - m) theta_q``), in [0, 1].
+        temperature: InfoNCE temperature ``tau > 0``.
+        neighbor_weight: weight ``beta >= 0`` of the neighbour loss (0 disables it).
+        split_bn: sub-batches for the key encoder's BatchNorm on one device (1 disables; ignored
+            under DDP, where the batch is shuffled across processes instead).
+
+    Raises:
+        ValueError: on invalid arguments.
+    """
+
+    def __init__(self, encoder_q: DrasEncoder, *, num_locations: int, queue_size: int = 4096,
+                 momentum: float = 0.999, temperature: float = 0.2, neighbor_weight: float = 1.0, split_bn: int = 2):
+        super().__init__()
+        if not isinstance(encoder_q, DrasEncoder):
+            raise ValueError(f"DrasCLR: encoder_q must be a DrasEncoder, got {type(encoder_q).__name__}")
+        for name, value in (("num_locations", num_locations), ("queue_size", queue_size), ("split_bn", split_bn)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"DrasCLR: {name} must be a positive int, got {value!r}")
+        if not (0.0 <= float(momentum) <= 1.0):
+            raise ValueError(f"DrasCLR: momentum must be in [0, 1], got {momentum!r}")
+        if not float(temperature) > 0:
+            raise ValueError(f"DrasCLR: temperature must be > 0, got {temperature!r}")
+        if not float(neighbor_weight) >= 0:
+            raise ValueError(f"DrasCLR: neighbor_weight must be >= 0, got {neighbor_weight!r}")
+        self.num_locations = num_locations
+        self.queue_size = queue_size
+        self.momentum = float(momentum)
+        self.temperature = float(temperature)
+        self.neighbor_weight = float(neighbor_weight)
+        self.split_bn = split_bn
+        self.dim = encoder_q.proj_dim
+
+        self.encoder_q = encoder_q
+        self.encoder_k = copy.deepcopy(encoder_q)
+        for p in self.encoder_k.parameters():
+            p.requires_grad_(False)
+        self.register_buffer("queue", F.normalize(torch.randn(self.dim, queue_size, num_locations), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(num_locations, dtype=torch.long))
+
+    # ------------------------------------------------------------------------------ key encoder
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """``theta_k <- m * theta_k + (1 - m) * theta_q`` for every parameter (buffers stay the key's own)."""
+        for pq, pk in zip(self.encoder_q.parameters(), self.encoder_k.parameters()):
+            pk.mul_(self.momentum).add_(pq.detach(), alpha=1.0 - self.momentum)
+
+    @torch.no_grad()
+    def _batch_shuffle_ddp(self, x: torch.Tensor, locs: torch.Tensor):
+        """Shuffle the key batch across processes (MoCo): returns this rank's share and the unshuffle index."""
+        b = x.shape[0]
+        x_all, locs_all = concat_all_gather(x), concat_all_gather(locs)
+        world = x_all.shape[0] // b
+        idx_shuffle = torch.randperm(x_all.shape[0], device=x.device)
+        dist.broadcast(idx_shuffle, src=0)
+        idx_unshuffle = torch.argsort(idx_shuffle)
+        idx_this = idx_shuffle.view(world, -1)[dist.get_rank()]
+        return x_all[idx_this], locs_all[idx_this], idx_unshuffle
+
+    @torch.no_grad()
+    def _batch_unshuffle_ddp(self, k: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.Tensor:
+        k_all = concat_all_gather(k)
+        world = k_all.shape[0] // k.shape[0]
+        return k_all[idx_unshuffle.view(world, -1)[dist.get_rank()]]
+
+    @torch.no_grad()
+    def encode_keys(self, x_k: torch.Tensor, locs: torch.Tensor) -> torch.Tensor:
+        """Normalised keys ``k (B, dim)`` from the key encoder, with shuffled/split BatchNorm in training.
+
+        Under DDP the batch is shuffled across processes. On one device it is shuffled and split
+        into ``min(split_bn, B // 2)`` sub-batches (each of at least 2 samples, which BatchNorm
+        needs on the 1³ last map), each normalised with its own statistics, then unshuffled.
+        """
+        if not self.training:
+            return F.normalize(self.encoder_k(x_k, locs)[0], dim=1)
+        if _distributed():
+            xs, ls, idx_unshuffle = self._batch_shuffle_ddp(x_k, locs)
+            k = F.normalize(self.encoder_k(xs, ls)[0], dim=1)
+            return self._batch_unshuffle_ddp(k, idx_unshuffle)
+        b = x_k.shape[0]
+        splits = min(self.split_bn, b // 2)
+        if splits <= 1:
+            return F.normalize(self.encoder_k(x_k, locs)[0], dim=1)
+        perm = torch.randperm(b, device=x_k.device)
+        xs, ls = x_k[perm], locs[perm]
+        k = torch.cat([self.encoder_k(xc, lc)[0] for xc, lc in zip(xs.chunk(splits), ls.chunk(splits))])
+        k = F.normalize(k, dim=1)
+        return k[torch.argsort(perm)]
+
+    # ------------------------------------------------------------------------------ queue
+    @torch.no_grad()
+    def dequeue_and_enqueue(self, keys: torch.Tensor, loc_idx) -> None:
+        """Write ``keys (B, dim)`` into the queue of their location(s) and advance the pointer(s) modulo K.
+
+        Under DDP the keys (and per-sample locations) of all processes are gathered first, so every
+        process holds the same queues.
+
+        Args:
+            keys: (B, dim) normalised keys.
+            loc_idx: int (one location for the batch; ``K`` must be a multiple of the global batch
+                size, as in the published code) or LongTensor (B,) (each location's keys are written
+                at its pointer, wrapping around the end of the queue).
+
+        Raises:
+            ValueError: when ``queue_size`` is not a multiple of the global batch size (one
+                location), or a location receives more keys than the queue holds.
+        """
+        keys = concat_all_gather(keys).to(self.queue.dtype)
+        if isinstance(loc_idx, torch.Tensor):
+            loc_idx = concat_all_gather(loc_idx.to(keys.device))
+            for loc in torch.unique(loc_idx).tolist():
+                self._write(keys[loc_idx == loc], int(loc))
+            return
+        n = keys.shape[0]
+        if self.queue_size % n != 0:
+            raise ValueError(f"DrasCLR: queue_size ({self.queue_size}) must be a multiple of the (global) batch size "
+                             f"({n}); use drop_last batches and a queue size divisible by the batch size")
+        self._write(keys, int(loc_idx))
+
+    def _write(self, keys: torch.Tensor, loc: int) -> None:
+        n = keys.shape[0]
+        if n > self.queue_size:
+            raise ValueError(f"DrasCLR: {n} keys for location {loc} exceed queue_size {self.queue_size}")
+        ptr = int(self.queue_ptr[loc])
+        idx = (torch.arange(n, device=keys.device) + ptr) % self.queue_size
+        self.queue[:, idx, loc] = keys.T
+        self.queue_ptr[loc] = (ptr + n) % self.queue_size
+
+    # ------------------------------------------------------------------------------ forward
+    def _check_inputs(self, x_q, x_k, loc_idx, locs, x_nbr, nbr_locs):
+        if x_q.dim() != 5 or x_q.shape[1] != 1:
+            raise ValueError(f"DrasCLR: x_q must be (B, 1, P, P, P), got {tuple(x_q.shape)}")
+        b = x_q.shape[0]
+        if x_k.shape != x_q.shape:
+            raise ValueError(f"DrasCLR: x_k must have x_q's shape {tuple(x_q.shape)}, got {tuple(x_k.shape)}")
+        if locs.shape != (b, 3):
+            raise ValueError(f"DrasCLR: locs must be (B={b}, 3), got {tuple(locs.shape)}")
+        if isinstance(loc_idx, torch.Tensor):
+            if loc_idx.shape != (b,) or loc_idx.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"DrasCLR: loc_idx must be an int or a LongTensor (B={b},), got "
+                                 f"{loc_idx.dtype} {tuple(loc_idx.shape)}")
+            bad = (loc_idx < 0) | (loc_idx >= self.num_locations)
+            if bool(bad.any()):
+                raise ValueError(f"DrasCLR: loc_idx values must be in [0, {self.num_locations}), got "
+                                 f"{loc_idx[bad][:5].tolist()}")
+        elif not (isinstance(loc_idx, int) and 0 <= loc_idx < self.num_locations):
+            raise ValueError(f"DrasCLR: loc_idx must be an int in [0, {self.num_locations}), got {loc_idx!r}")
+        if (x_nbr is None) != (nbr_locs is None):
+            raise ValueError("DrasCLR: x_nbr and nbr_locs must be given together")
+        if x_nbr is not None:
+            if x_nbr.dim() != 6 or x_nbr.shape[0] != b or x_nbr.shape[2:] != x_q.shape[1:]:
+                raise ValueError(f"DrasCLR: x_nbr must be (B={b}, Kn, 1, P, P, P), got {tuple(x_nbr.shape)}")
+            if nbr_locs.shape != (b, x_nbr.shape[1], 3):
+                raise ValueError(f"DrasCLR: nbr_locs must be (B={b}, Kn={x_nbr.shape[1]}, 3), got "
+                                 f"{tuple(nbr_locs.shape)}")
+
+    def forward(self, x_q: torch.Tensor, x_k: torch.Tensor, loc_idx, locs: torch.Tensor,
+                x_nbr: torch.Tensor | None = None, nbr_locs: torch.Tensor | None = None) -> dict:
+        """One DrasCLR step's losses (in training mode also the momentum update and the enqueue).
+
+        Args:
+            x_q: (B, 1, P, P, P) query views of the anchor patches, in [-1, 1].
+            x_k: (B, 1, P, P, P) key views of the same patches.
+            loc_idx: int, the location of the whole batch (the training case), or LongTensor (B,).
+            locs: (B, 3) location conditions of the anchors.
+            x_nbr: (B, Kn, 1, P, P, P) augmented neighbour patches of the same subjects, or None.
+            nbr_locs: (B, Kn, 3) their location conditions, or None.
+
+        Returns:
+            dict with ``loss`` (scalar, ``loss_local + beta * loss_neighbor``), ``loss_local``,
+            ``loss_neighbor`` (0 when neighbours are absent or ``beta = 0``), ``acc1`` (float, local
+            InfoNCE top-1 accuracy in %), ``logits (B, 1 + K)``, ``logits_neighbor`` (or None).
+
+        Raises:
+            ValueError: on inputs of the wrong shape or location indices out of range.
+        """
+        self._check_inputs(x_q, x_k, loc_idx, locs, x_nbr, nbr_locs)
+        if isinstance(loc_idx, torch.Tensor) and bool((loc_idx == loc_idx[0]).all()):
+            loc_idx = int(loc_idx[0])
+
+        q = F.normalize(self.encoder_q(x_q, locs)[0], dim=1)  # q: B x dim
+        r = None
+        if x_nbr is not None and self.neighbor_weight > 0:
+            b, kn = x_nbr.shape[:2]
+            z_r = self.encoder_q(x_nbr.reshape(b * kn, *x_nbr.shape[2:]), nbr_locs.reshape(b * kn, 3))[0]
+            r = F.normalize(z_r, dim=1).reshape(b, kn, -1)  # r: B x Kn x dim
+
+        with torch.no_grad():
+            if self.training:
+                self.momentum_update()
+            k = self.encode_keys(x_k, locs)  # k: B x dim
+
+        if isinstance(loc_idx, int):
+            negs = self.queue[:, :, loc_idx].T.clone()  # negs: K x dim (explicit layout, also when K == dim)
+        else:
+            negs = self.queue[:, :, loc_idx.to(self.queue.device)].permute(2, 1, 0).clone()  # negs: B x K x dim
+        loss_local, logits = info_nce(q, k, negs, self.temperature)
+        if r is not None:
+            loss_nbr, logits_nbr = neighbor_info_nce(r, k, negs, self.temperature)
+            loss = loss_local + self.neighbor_weight * loss_nbr
+        else:
+            loss_nbr, logits_nbr = torch.zeros((), device=q.device, dtype=loss_local.dtype), None
+            loss = loss_local
+
+        if self.training:
+            self.dequeue_and_enqueue(k, loc_idx)
+        return {"loss": loss, "loss_local": loss_local, "loss_neighbor": loss_nbr,
+                "acc1": topk_accuracy(logits, 1), "logits": logits, "logits_neighbor": logits_nbr}

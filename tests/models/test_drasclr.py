@@ -226,3 +226,44 @@ def test_bad_inputs_raise():
         m(xq, xk, 0, _loc(4), torch.stack([xq, xq], 1), None)
     with pytest.raises(ValueError, match="nbr_locs"):
         m(xq, xk, 0, _loc(4), torch.stack([xq, xq], 1), torch.zeros(4, 3, 3))
+
+
+def _ddp_worker(rank, world, port, result_dir):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        m = _model(queue_size=16)  # same seed on every rank: same initial weights and queue
+        # shuffle/unshuffle round trip, and locations travel with their patches
+        x = torch.arange(4.0).view(4, 1, 1, 1, 1).expand(4, 1, 2, 2, 2) + 10 * rank
+        locs = x[:, :, 0, 0, 0].expand(4, 3).clone()
+        xs, ls, idx_unshuffle = m._batch_shuffle_ddp(x, locs)
+        assert torch.equal(xs[:, 0, 0, 0, 0], ls[:, 0])
+        assert torch.equal(m._batch_unshuffle_ddp(xs[:, 0, 0, 0, 0].contiguous(), idx_unshuffle), x[:, 0, 0, 0, 0])
+        # a training step: keys of both ranks enter every rank's queue
+        xq, xk = _views(4, seed=rank)
+        out = m(xq, xk, 2, _loc(4))
+        out["loss"].backward()
+        torch.save({"queue": m.queue, "ptr": m.queue_ptr}, os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_cpu_processes_share_queues(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["ptr"].tolist() == r1["ptr"].tolist() == [0, 0, 8]  # 2 ranks x 4 keys
+    torch.testing.assert_close(r0["queue"], r1["queue"])
+    fresh = _model(queue_size=16).queue
+    assert not torch.allclose(r0["queue"][:, :8, 2], fresh[:, :8, 2]) and torch.equal(r0["queue"][:, 8:], fresh[:, 8:])

@@ -1,0 +1,179 @@
+"""Embeddings: shapes, batching invariance, determinism, save/load, pooling, baseline, per-patch facts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from drasclr_lib.data.patch_store import PatchStore, write_store_meta, write_subject
+from drasclr_lib.embed import (EmbeddingSet, calibrate_batchnorm, cli_main, embed_cohort, embed_subject,
+                               patch_table, pool_subjects, random_encoder)
+from drasclr_lib.models import DrasEncoder, load_encoder
+from tests.conftest import make_toy_store
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """5 subjects x 8 locations: small enough that every test embeds in well under a second."""
+    return PatchStore(make_toy_store(tmp_path_factory.mktemp("embed_store"), n_subjects=5, grid=(2, 2, 2)))
+
+
+@pytest.fixture(scope="module")
+def encoder(store):
+    return random_encoder(0, store=store, calibration_batches=8, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def emb(encoder, store):
+    return embed_cohort(encoder, store, progress=False, device="cpu")
+
+
+def test_embed_cohort_shapes_and_meta(emb, store):
+    assert emb.h.shape == (store.num_subjects, store.num_locations, 128)
+    assert emb.h.dtype == np.float32 and np.isfinite(emb.h).all()
+    assert emb.sids == store.sids
+    np.testing.assert_array_equal(emb.locs, store.locs)
+    np.testing.assert_array_equal(emb.atlas_corners, store.atlas_corners)
+    assert emb.meta["num_subjects"] == store.num_subjects and emb.meta["device"] == "cpu"
+
+
+def test_embed_cohort_is_deterministic_and_batch_size_free(encoder, store, emb):
+    again = embed_cohort(encoder, store, progress=False, device="cpu")
+    np.testing.assert_array_equal(again.h, emb.h)  # bit-identical across runs on CPU
+    small = embed_cohort(encoder, store, batch_size=5, progress=False, device="cpu")
+    np.testing.assert_allclose(small.h, emb.h, rtol=1e-4, atol=1e-5)
+
+
+def test_embed_cohort_equals_embed_subject_mixed_locations(encoder, store, emb):
+    # the mixed-location path (grouped conv) and the location-batched path agree
+    h3 = embed_subject(encoder, store.patches(3), store.locs, batch_size=7, device="cpu")
+    np.testing.assert_allclose(h3, emb.h[3], rtol=1e-4, atol=1e-5)
+    grouped = embed_subject(encoder, store.patches(3), store.locs, group_by_location=True, device="cpu")
+    np.testing.assert_allclose(grouped, h3, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(embed_subject(encoder, store.patches(3), store.locs, batch_size=7, device="cpu"), h3)
+
+
+def test_embedding_depends_on_patch_and_location(encoder, store, emb):
+    assert np.abs(emb.h[0] - emb.h[-1]).max() > 1e-3  # subjects differ
+    moved = embed_subject(encoder, store.patches(0), np.roll(store.locs, 1, axis=0), device="cpu")
+    assert np.abs(moved - emb.h[0]).max() > 1e-3  # same patches, other locations
+
+
+def test_embed_cohort_subset_and_restores_train_mode(store):
+    enc = DrasEncoder().train()
+    sub = embed_cohort(enc, store, subjects=["toy002", 4], progress=False, device="cpu")
+    assert sub.sids == ["toy002", "toy004"] and sub.h.shape[0] == 2
+    assert enc.training  # the caller's mode is restored
+    with pytest.raises(ValueError, match="batch_size"):
+        embed_cohort(enc, store, batch_size=0, progress=False)
+
+
+def test_embed_subject_rejects_bad_shapes(encoder):
+    with pytest.raises(ValueError, match="locs"):
+        embed_subject(encoder, np.zeros((4, 32, 32, 32), np.int16), np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="patches_hu"):
+        embed_subject(encoder, np.zeros((4, 32, 32), np.int16), np.zeros((4, 3)))
+
+
+def test_save_load_roundtrip(emb, tmp_path):
+    path = emb.save(tmp_path / "sub" / "emb.npz")
+    back = EmbeddingSet.load(path)
+    np.testing.assert_array_equal(back.h, emb.h)
+    assert back.sids == emb.sids and back.meta == emb.meta
+    np.testing.assert_array_equal(back.atlas_corners, emb.atlas_corners)
+    assert [p.name for p in path.parent.iterdir()] == ["emb.npz"]  # no temporary left behind
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        EmbeddingSet.load(tmp_path / "missing.npz")
+
+
+def test_embedding_set_validates():
+    h = np.zeros((2, 3, 4), np.float32)
+    with pytest.raises(ValueError, match="subject ids"):
+        EmbeddingSet(h=h, sids=["a"], locs=np.zeros((3, 3)), atlas_corners=np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="unique"):
+        EmbeddingSet(h=h, sids=["a", "a"], locs=np.zeros((3, 3)), atlas_corners=np.zeros((3, 3)))
+    with pytest.raises(ValueError, match=r"\(3, 3\)"):
+        EmbeddingSet(h=h, sids=["a", "b"], locs=np.zeros((2, 3)), atlas_corners=np.zeros((3, 3)))
+    with pytest.raises(KeyError, match="zz"):
+        EmbeddingSet(h=h, sids=["a", "b"], locs=np.zeros((3, 3)), atlas_corners=np.zeros((3, 3))).index("zz")
+
+
+def test_pool_subjects_maths():
+    h = np.arange(2 * 3 * 2, dtype=np.float32).reshape(2, 3, 2)
+    np.testing.assert_allclose(pool_subjects(h, "mean"), h.mean(1))
+    mm = pool_subjects(h, "meanmax")
+    assert mm.shape == (2, 4)
+    np.testing.assert_allclose(mm[:, 2:], h.max(1))
+    with pytest.raises(ValueError, match="unknown pooling"):
+        pool_subjects(h, "median")
+    with pytest.raises(ValueError, match=r"\(N, L, D\)"):
+        pool_subjects(h[0])
+
+
+def test_random_encoder_seeded_and_leaves_global_rng(store):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a, b, c = random_encoder(7), random_encoder(7), random_encoder(8)
+    np.testing.assert_array_equal(torch.rand(3), expected)  # global RNG untouched
+    assert torch.equal(a.conv1.weight, b.conv1.weight) and not torch.equal(a.conv1.weight, c.conv1.weight)
+    assert not a.training
+
+
+def test_batchnorm_calibration_makes_random_features_informative(store):
+    # fresh BatchNorm statistics squash the random network's signal; calibrated ones do not
+    raw = embed_cohort(random_encoder(0), store, subjects=[0, 4], progress=False, device="cpu").h
+    enc = random_encoder(0)
+    w = enc.conv1.weight.detach().clone()
+    calibrate_batchnorm(enc, store, num_batches=4, batch_size=5)
+    assert torch.equal(enc.conv1.weight, w) and not enc.training and enc.bn1.momentum == 0.1
+    cal = embed_cohort(enc, store, subjects=[0, 4], progress=False, device="cpu").h
+    assert cal.std(axis=0).mean() > 100 * raw.std(axis=0).mean()
+    assert cal.std(axis=0).mean() > 0.05
+
+
+def test_patch_table_from_labels_and_records(store, tmp_path):
+    tab = patch_table(store)
+    N, L = store.num_subjects, store.num_locations
+    assert all(v.shape == (N, L) for v in tab.values())
+    want = np.stack([(np.asarray(store.label_patches(s)).reshape(L, -1) > 0).mean(1) for s in range(N)])
+    np.testing.assert_allclose(tab["emph_fraction"], want)
+    np.testing.assert_array_equal(tab["height"][3], store.atlas_corners[:, 2])
+    assert (tab["lobe"] == 0).all() and np.isnan(tab["lung_fraction"]).all()
+
+    # a store written by preprocessing: per-patch values come from the record
+    root = tmp_path / "rec_store"
+    corners = np.array([[0, 0, 0], [26, 0, 0], [0, 26, 0]])
+    write_store_meta(root, corners, np.zeros((3, 3)), np.array([[1], [0], [0]]), patch_size=4)
+    write_subject(root, "s1", np.zeros((3, 4, 4, 4)), label_patches=np.ones((3, 4, 4, 4)),
+                  record={"patch_emph_fraction": [0.1, float("nan"), 0.3], "patch_lobe": [1, 4, 0],
+                          "patch_lung_fraction": [0.5, 0.0, 1.0]})
+    write_subject(root, "s2", np.zeros((3, 4, 4, 4)), label_patches=np.ones((3, 4, 4, 4)),
+                  record={"patch_lung_fraction": [0.5, 0.0, 1.0]})
+    rec = patch_table(PatchStore(root))
+    np.testing.assert_allclose(rec["emph_fraction"][0], [0.1, np.nan, 0.3])
+    np.testing.assert_array_equal(rec["lobe"][0], [1, 4, 0])
+    # fallback: labelled voxels over lung voxels, clipped to 1, NaN without lung
+    np.testing.assert_allclose(rec["emph_fraction"][1], [1.0, np.nan, 1.0])
+
+
+def test_patch_table_rejects_wrong_length(tmp_path):
+    root = tmp_path / "bad"
+    write_store_meta(root, np.array([[0, 0, 0], [26, 0, 0]]), np.zeros((2, 3)), np.array([[1], [0]]), patch_size=4)
+    write_subject(root, "s1", np.zeros((2, 4, 4, 4)), record={"patch_lobe": [1, 2, 3]})
+    with pytest.raises(ValueError, match="s1.*patch_lobe"):
+        patch_table(PatchStore(root))
+
+
+def test_cli_embed_checkpoint(store, encoder, emb, tmp_path, capsys):
+    ckpt = tmp_path / "enc.pt"
+    torch.save({"state_dict": {f"encoder_q.{k}": v for k, v in encoder.state_dict().items()}}, ckpt)
+    out2 = tmp_path / "emb_ckpt.npz"
+    assert cli_main(["--store", str(store.root), "--checkpoint", str(ckpt), "--out", str(out2), "--no-progress",
+                     "--batch-size", "4"]) == 0
+    loaded = EmbeddingSet.load(out2)
+    assert loaded.meta["checkpoint"] == str(ckpt.resolve())
+    np.testing.assert_allclose(loaded.h, emb.h, rtol=1e-4, atol=1e-5)  # same weights, same embeddings
+    assert cli_main(["--store", str(store.root), "--checkpoint", str(tmp_path / "nope.pt"), "--out", str(out2)]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -99,3 +99,14 @@ def test_bad_arguments_raise(bad):
         info_nce(q, _unit(3, 4), q, 0.2)
     with pytest.raises(ValueError, match="r must be"):
         neighbor_info_nce(q, q, q, 0.2)
+
+
+def test_per_sample_negatives_match_shared_ones_row_by_row():
+    q, k = _unit(3, 8, seed=12), _unit(3, 8, seed=13)
+    negs = [_unit(5, 8, seed=20 + i) for i in range(3)]
+    loss, logits = info_nce(q, k, torch.stack(negs), 0.2)  # (B, K, D)
+    for i in range(3):
+        _, row = info_nce(q[i:i + 1], k[i:i + 1], negs[i], 0.2)
+        torch.testing.assert_close(logits[i:i + 1], row)
+    with pytest.raises(ValueError, match="rows"):
+        info_nce(q, k, torch.stack(negs[:2]), 0.2)

@@ -142,11 +142,14 @@ def load_subject_volume(store, subject: int | str, *, source: str = "auto") -> S
     record = store.record(int(s))
     if source == "patches":
         return _mosaic_volume(store, int(s), record)
+    if source == "ct":
+        return _ct_volume(store, int(s), record)
     try:
         return _ct_volume(store, int(s), record)
-    except (FileNotFoundError, KeyError):
-        if source == "ct":
-            raise
+    except Exception as exc:  # noqa: BLE001 - any reason the scan cannot be shown: fall back, say why
+        import warnings
+
+        warnings.warn(f"explorer: showing a mosaic of the stored patches instead of the CT ({exc})", stacklevel=2)
         return _mosaic_volume(store, int(s), record)
 
 

@@ -1,0 +1,128 @@
+"""Patch explorer: volumes line up with the stored patches, similarity maths, static and widget views."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+
+from drasclr_lib.data.patch_store import PatchStore, finalize_store, write_store_meta, write_subject
+from drasclr_lib.embed import EmbeddingSet
+from drasclr_lib.viz.explorer import (PatchExplorer, SubjectVolume, cosine_to, load_subject_volume,
+                                      show_explorer, similar_subjects, similarity_slice)
+
+P = 32
+CORNERS = np.array([[4, 6, 8], [30, 10, 20], [20, 30, 10], [8, 8, 30]])  # (i, j, k) in the 1 mm grid
+
+
+@pytest.fixture(scope="module")
+def ct_store(tmp_path_factory):
+    """A store whose subjects have a real CT file, a recorded 1 mm grid and patch corners.
+
+    The 1 mm grid starts 3 mm past the scan's origin on every axis (as a padded/cropped grid would),
+    so the explorer must resample onto the recorded grid to line the boxes up with the patches.
+    """
+    root = tmp_path_factory.mktemp("ct_store")
+    rng = np.random.default_rng(0)
+    write_store_meta(root, CORNERS, np.linspace(-1, 1, 12).reshape(4, 3), np.array([[1], [0], [3], [2]]),
+                     patch_size=P)
+    rows = []
+    for n in range(3):
+        sid = f"ct{n}"
+        vol = rng.integers(-1000, 100, size=(70, 72, 74)).astype(np.float32)  # (k, j, i)
+        img = sitk.GetImageFromArray(vol)
+        img.SetSpacing((1.0, 1.0, 1.0))
+        img.SetOrigin((-10.0, 5.0, 2.0))
+        path = root / f"{sid}.nii.gz"
+        sitk.WriteImage(img, str(path))
+        shift = 3
+        grid = {"origin": [-10.0 + shift, 5.0 + shift, 2.0 + shift], "spacing": [1.0, 1.0, 1.0],
+                "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1], "size": [74 - shift, 72 - shift, 70 - shift]}
+        patches = np.stack([vol[k + shift:k + shift + P, j + shift:j + shift + P, i + shift:i + shift + P]
+                            for i, j, k in CORNERS])
+        write_subject(root, sid, patches, record={"grid_1mm": grid, "corners_subject": CORNERS.tolist()})
+        rows.append({"sid": sid, "image": str(path)})
+    finalize_store(root, pd.DataFrame(rows))
+    return PatchStore(root)
+
+
+def _emb(store, seed=0, D=8):
+    h = np.random.default_rng(seed).normal(size=(store.num_subjects, store.num_locations, D))
+    return EmbeddingSet(h=h, sids=store.sids, locs=store.locs, atlas_corners=store.atlas_corners)
+
+
+def test_ct_volume_lines_up_with_stored_patches(ct_store):
+    vol = load_subject_volume(ct_store, "ct1", source="ct")
+    assert vol.source == "CT" and vol.hu.shape == (67, 69, 71)
+    for n, (i, j, k) in enumerate(vol.corners):
+        np.testing.assert_array_equal(vol.hu[k:k + P, j:j + P, i:i + P], ct_store.get("ct1", n))
+
+
+def test_mosaic_volume_and_fallback(ct_store, toy_store):
+    mosaic = load_subject_volume(ct_store, 0, source="patches")
+    assert mosaic.source == "patch mosaic"
+    i, j, k = mosaic.corners[3]  # the last patch pasted is intact
+    np.testing.assert_array_equal(mosaic.hu[k:k + P, j:j + P, i:i + P], ct_store.get(0, 3))
+    toy = PatchStore(toy_store)  # no image column: "auto" falls back to the mosaic, "ct" raises
+    with pytest.warns(UserWarning, match="mosaic"):
+        assert load_subject_volume(toy, 0).source == "patch mosaic"
+    with pytest.raises(FileNotFoundError, match="toy000"):
+        load_subject_volume(toy, 0, source="ct")
+    with pytest.raises(ValueError, match="source"):
+        load_subject_volume(toy, 0, source="mri")
+
+
+def test_similarity_helpers():
+    v = np.array([[1.0, 0], [0, 2], [-3, 0], [0, 0]])
+    np.testing.assert_allclose(cosine_to(v, np.array([2.0, 0])), [1, 0, -1, 0])
+    h = np.zeros((4, 1, 2))
+    h[:, 0] = [[1, 0], [1, 0.1], [0, 1], [-1, 0]]
+    most, least = similar_subjects(h, 0, 0, n=2)
+    assert [i for i, _ in most] == [1, 2] and [i for i, _ in least] == [3, 2]
+    assert most[0][1] == pytest.approx(1 / np.sqrt(1.01))
+    vol = SubjectVolume("x", np.zeros((10, 6, 6), np.int16), np.array([[0, 0, 0], [2, 2, 0], [0, 0, 8]]), 4, "CT")
+    sl = similarity_slice(vol, np.array([1.0, 3.0, 9.0]), k=1)  # the third box does not cross slice 1
+    assert sl[0, 0] == 1.0 and sl[3, 3] == 2.0 and sl[5, 5] == 3.0 and np.isnan(sl[0, 5])
+
+
+def test_static_figure_and_show(ct_store, tmp_path):
+    ex = PatchExplorer(_emb(ct_store), ct_store, subject="ct2", n_similar=1)
+    fig = ex.figure(loc=1)
+    titles = [a.get_title() for a in fig.axes]
+    assert any("ct2 (CT)" in t for t in titles) and sum("similar" in t for t in titles) >= 2
+    plt.close(fig)
+    saved = show_explorer(ex, interactive=False, save_to=tmp_path)
+    assert saved and all(p.exists() and p.stat().st_size > 1000 for p in saved)
+    with pytest.raises(ValueError, match="location"):
+        ex.figure(loc=99)
+
+
+def test_widget_builds_and_reacts(ct_store):
+    pytest.importorskip("ipywidgets")
+    ex = PatchExplorer(_emb(ct_store), ct_store, source="patches")
+    panel = ex.widget()
+    c = panel.controls
+    c["patch"].value = 2  # picking a patch jumps to its centre slice
+    assert c["slice"].value == ex.volume(0).center_slice(2)
+    picks = [v for _, v in c["on_slice"].options if v >= 0]
+    assert 2 in picks and set(picks) == set(ex.volume(0).patches_on_slice(c["slice"].value).tolist())
+    c["subject"].value = 1
+    assert ex.subject == 1 and c["slice"].max == ex.volume(1).hu.shape[0] - 1
+    other = next(v for v in picks if v != 2)
+    c["on_slice"].value = other
+    assert c["patch"].value == other
+
+
+def test_explorer_validates(ct_store):
+    emb = _emb(ct_store)
+    bad = EmbeddingSet(h=emb.h[:, :2], sids=emb.sids, locs=emb.locs[:2], atlas_corners=emb.atlas_corners[:2])
+    with pytest.raises(ValueError, match="locations"):
+        PatchExplorer(bad, ct_store)
+    with pytest.raises(ValueError, match="n_similar"):
+        PatchExplorer(emb, ct_store, n_similar=0)

@@ -6,9 +6,11 @@ descent with regular steps (halved on each direction change) and scales from phy
 returned transform maps **atlas physical points to subject physical points** (the SimpleITK
 convention, see docs/ARCHITECTURE.md): ``subject_pt = tx.TransformPoint(atlas_pt)``.
 
-Masks are binarised (nonzero = lung) as float32. For speed the fixed (atlas) mask is cropped to
-the bounding box of its lung plus a margin, and the metric samples a fraction of the voxels
-(fixed seed, so the result is deterministic).
+Masks are binarised (nonzero = lung) as float32 and averaged to a ~2 mm working grid (lung
+fraction per voxel); the pyramid's shrink factors apply to that grid. For speed both masks are cropped to the
+bounding box of their lung plus a margin (15 mm atlas, 30 mm subject), and the metric samples
+a fixed number of voxels per level (50 000 by default; fixed seed, so the result is
+deterministic): an adult 1 mm mask pair registers in seconds instead of minutes.
 """
 
 from __future__ import annotations
@@ -48,10 +50,15 @@ def _crop_to_mask(mask_f: sitk.Image, margin_mm: float) -> sitk.Image:
     return sitk.RegionOfInterest(mask_f, [int(v) for v in hi - lo + 1], [int(v) for v in lo])
 
 
+def _bin_shrink(img: sitk.Image, working_mm: float) -> sitk.Image:
+    f = [max(1, int(round(working_mm / s))) for s in img.GetSpacing()]
+    return sitk.BinShrink(img, f) if max(f) > 1 else img
+
+
 def register_masks(atlas_mask: sitk.Image, subject_mask: sitk.Image, *, sid: str | None = None,
                    shrink=(4, 2, 1), smoothing=(2, 1, 0), iterations: int = 200,
-                   sampling: float = 0.05, bins: int = 32, margin_mm: float = 15.0,
-                   seed: int = 0) -> tuple[sitk.Transform, dict]:
+                   max_samples: int = 50_000, bins: int = 32, margin_mm: float = 15.0,
+                   working_mm: float | None = 2.0, seed: int = 0) -> tuple[sitk.Transform, dict]:
     """Affine registration, fixed = atlas lung mask, moving = subject lung mask.
 
     Args:
@@ -61,9 +68,15 @@ def register_masks(atlas_mask: sitk.Image, subject_mask: sitk.Image, *, sid: str
         shrink: shrink factor per resolution level (coarse to fine).
         smoothing: Gaussian sigma per level, in voxels.
         iterations: maximum gradient-descent iterations per level.
-        sampling: fraction of the fixed voxels sampled by the metric (random, seeded).
+        max_samples: number of fixed-image voxels the metric samples per level (random, seeded):
+            the sampling percentage of each level is ``max_samples / voxels at that level``
+            (capped at 1), so the cost per iteration does not grow with the image size.
         bins: histogram bins of Mattes mutual information.
         margin_mm: margin around the atlas lung kept when cropping the fixed image.
+        working_mm: the binarised masks are first averaged (``BinShrink``, integer factors) to
+            voxels of about this size; the pyramid (``shrink``) starts from there. A lung-mask
+            fraction on a 2 mm grid loses nothing an affine needs and is 8x lighter than 1 mm.
+            ``None`` registers on the masks' own grid.
         seed: seed of the metric sampling.
 
     Returns:
@@ -86,6 +99,9 @@ def register_masks(atlas_mask: sitk.Image, subject_mask: sitk.Image, *, sid: str
         if not np.any(sitk.GetArrayViewFromImage(img)):
             raise PreprocessError(f"the {name} lung mask is empty; cannot register", stage="register", sid=sid)
     fixed = _crop_to_mask(fixed, margin_mm)
+    moving = _crop_to_mask(moving, 2 * margin_mm)
+    if working_mm:
+        fixed, moving = _bin_shrink(fixed, working_mm), _bin_shrink(moving, working_mm)
 
     tx = sitk.AffineTransform(3)
     init = sitk.CenteredTransformInitializer(fixed, moving, tx, sitk.CenteredTransformInitializerFilter.MOMENTS)
@@ -95,8 +111,12 @@ def register_masks(atlas_mask: sitk.Image, subject_mask: sitk.Image, *, sid: str
     reg.SetNumberOfThreads(available_cores())
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=bins)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
-    reg.SetMetricSamplingPercentage(float(sampling), int(seed))
+    n_fixed = float(np.prod(fixed.GetSize()))
+    reg.SetMetricSamplingPercentagePerLevel([min(1.0, max_samples * float(f) ** 3 / n_fixed) for f in shrink], int(seed))
     reg.SetInterpolator(sitk.sitkLinear)
+    # gradients at the sampled points only, instead of a gradient image of the whole volume per level
+    reg.MetricUseFixedImageGradientFilterOff()
+    reg.MetricUseMovingImageGradientFilterOff()
     # regular-step descent: on mask images plain gradient descent's convergence window stops
     # after ~10 iterations of a flat metric; halving steps to 1e-2 (physical-shift scaled) does not
     reg.SetOptimizerAsRegularStepGradientDescent(learningRate=4.0, minStep=1e-2, numberOfIterations=int(iterations),

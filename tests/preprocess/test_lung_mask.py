@@ -137,3 +137,49 @@ def test_no_lungs_raises_with_sid():
         segment_lungs(ct, sid="ABD-01")
     assert info.value.stage == "lung_mask" and info.value.sid == "ABD-01"
     assert "no lungs" in str(info.value) and "ABD-01" in str(info.value)
+
+
+def test_synthetic_subject_dice():
+    """One small generated subject (drasclr_lib.data.synthetic), through read -> 1 mm -> mask."""
+    synthetic = pytest.importorskip("drasclr_lib.data.synthetic")
+    import tempfile
+    from pathlib import Path
+
+    import pandas as pd
+
+    from drasclr_lib.preprocess.io import read_ct, read_label
+    from drasclr_lib.preprocess.resample import resample_isotropic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        man = synthetic.make_cohort(tmp, 1, seed=3, size=0.45, spacing=(1.6, 1.6, 2.5), workers=1, progress=False)
+        row = pd.read_csv(man).iloc[0]
+        img = read_ct(Path(tmp) / row.image, sid=row.sid)
+        ct = resample_isotropic(img, 1.0, pad=10)
+        m = sitk.GetArrayFromImage(segment_lungs(ct, sid=row.sid))
+        gt = sitk.GetArrayFromImage(resample_isotropic(read_label(Path(tmp) / row.lung_mask, img),
+                                                       interpolator="nearest", pad=10))
+    assert dice(m > 0, gt > 0) >= 0.95
+    assert dice(m == 1, gt == 1) >= 0.93 and dice(m == 2, gt == 2) >= 0.93
+
+
+def test_real_scan_lung_volume_plausible():
+    """The real Lung-PET-CT-Dx scan (512x512x64, 5 mm, table, partial coverage) at native resolution."""
+    real = pytest.importorskip("drasclr_lib.data.real")
+    try:
+        manifest = real.fetch_lung_pet_ct_dx()
+    except Exception as err:  # no network and no cache
+        pytest.skip(f"real scan not available: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+    import pandas as pd
+
+    from drasclr_lib.preprocess.io import read_ct
+
+    row = pd.read_csv(manifest).iloc[0]
+    ct = read_ct(row.image, sid=row.sid)
+    mask = segment_lungs(ct, sid=row.sid)
+    m = sitk.GetArrayViewFromImage(mask)
+    right, left = [np.count_nonzero(m == l) * np.prod(ct.GetSpacing()) / 1e6 for l in (1, 2)]  # litres
+    assert 3.0 <= right + left <= 8.0, (right, left)
+    assert right > left > 0.6 * right  # the right lung is the larger one
+    # the lungs are not touching the table or outside the body: every lung voxel is below -320 HU
+    # or enclosed (vessels), and no lung voxel lies in the bottom 15% of rows (table)
+    assert not m[:, int(0.85 * m.shape[1]):, :].any()

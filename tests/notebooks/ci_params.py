@@ -5,7 +5,7 @@ the 30-minute budget of the test command.
 """
 
 CI_PARAMS: dict[str, dict] = {
-    "00_synthetic_cohort": {},
+    "00_synthetic_cohort": {"N_SUBJECTS": 16, "SEED": 0, "SIZE": "demo", "WORKERS": 2},
     "01_preprocessing": {},
     "02_pretraining": {},
     "03_embeddings": {},

@@ -4,7 +4,7 @@ Latent variables of a subject (drawn by :func:`sample_latents`):
 
 - ``severity`` s in [0, 1]: emphysema severity. A quarter of the subjects have none (s = 0); the
   rest draw s ~ Beta(1.3, 2.0). The emphysema target fraction of lung voxels is
-  ``0.36 * s ** 1.2``, split over subtypes by mixture weights ~ Dirichlet(2, 1.2, 0.6)
+  ``0.45 * s ** 1.1``, split over subtypes by mixture weights ~ Dirichlet(2, 1.2, 0.6)
   (centrilobular, panlobular, paraseptal); paraseptal is capped at 6 % of the lung.
 - ``airway_wall`` a in [0, 1]: airway wall thickening (non-emphysema disease), ~ Beta(1.2, 3).
   It thickens the airway walls in the image and lowers lung function, but adds no emphysema.
@@ -15,8 +15,8 @@ Clinical values, from the *measured* emphysema fractions of the rendered label m
 (``e_cl``, ``e_pl``, ``e_ps``) and the latents. The functional emphysema burden is
 ``E = e_cl + 1.3 e_pl + 0.4 e_ps`` (paraseptal disease spares function):
 
-- ``FEV1pp`` = 102 - 190 E - 38 a - 0.15 (age - 60) + N(0, 6), clipped to [12, 130].
-- ``FEV1_FVC`` = 0.80 - 1.05 E - 0.20 a + N(0, 0.035), clipped to [0.25, 0.95].
+- ``FEV1pp`` = 102 - 240 E - 30 a - 0.15 (age - 60) + N(0, 5), clipped to [12, 130].
+- ``FEV1_FVC`` = 0.80 - 1.3 E - 0.20 a + N(0, 0.035), clipped to [0.25, 0.95].
 - ``GOLD`` by the GOLD rules: FEV1/FVC < 0.70 -> stage 1 (FEV1pp >= 80), 2 (>= 50), 3 (>= 30),
   4 (< 30); otherwise 0.
 - ``emph_grade`` (0-5, visual): the total emphysema percentage read with 10 % multiplicative
@@ -60,7 +60,7 @@ def sample_latents(rng: np.random.Generator, *, healthy_fraction: float = 0.25) 
 
 def emphysema_targets(latents: dict) -> tuple[float, float, float]:
     """Target lung fractions (centrilobular, panlobular, paraseptal) of the latent severity."""
-    total = 0.36 * latents["severity"] ** 1.2
+    total = 0.45 * latents["severity"] ** 1.1
     f_cl = total * latents["w_centrilobular"]
     f_pl = total * latents["w_panlobular"]
     f_ps = min(total * latents["w_paraseptal"], 0.06)
@@ -92,8 +92,8 @@ def clinical_table_row(latents: dict, measured: dict, rng: np.random.Generator) 
     burden = e_cl + 1.3 * e_pl + 0.4 * e_ps
     z = rng.standard_normal(4)
     age = float(np.clip(50 + 14 * s + latents["age_noise"], 40, 85))
-    fev1pp = float(np.clip(102 - 190 * burden - 38 * a - 0.15 * (age - 60) + 6 * z[0], 12, 130))
-    ratio = float(np.clip(0.80 - 1.05 * burden - 0.20 * a + 0.035 * z[1], 0.25, 0.95))
+    fev1pp = float(np.clip(102 - 240 * burden - 30 * a - 0.15 * (age - 60) + 5 * z[0], 12, 130))
+    ratio = float(np.clip(0.80 - 1.3 * burden - 0.20 * a + 0.035 * z[1], 0.25, 0.95))
     total_pct = 100 * (e_cl + e_pl + e_ps) * float(np.exp(0.1 * z[2]))
     emph_grade = int(np.searchsorted(EMPH_GRADE_BINS, total_pct, side="right"))
     ps_grade = int(np.searchsorted(PARASEPTAL_GRADE_BINS, 100 * e_ps, side="right"))

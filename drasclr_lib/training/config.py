@@ -1,0 +1,166 @@
+"""The pretraining configuration (one dataclass, saved next to every checkpoint)."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import asdict, dataclass, fields
+
+from drasclr_lib.augment import parse_augment_spec
+
+__all__ = ["PretrainConfig", "effective_queue_size", "effective_lr", "REFERENCE_BATCH"]
+
+#: Batch size the published learning rate belongs to (lr 0.01 at batch 128).
+REFERENCE_BATCH = 128
+
+# fields that must match to resume a run (the others, e.g. max_steps or workers, may change)
+RESUME_KEYS = ("epochs", "batch_size", "lr", "scale_lr", "momentum", "weight_decay", "queue_size", "moco_momentum",
+               "temperature", "num_neighbors", "neighbor_weight", "conditional", "num_experts", "rep_dim",
+               "proj_dim", "augment", "seed", "split_bn")
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a pretraining run needs; defaults are the published settings (SPEC, "Pretraining").
+
+    Attributes:
+        store: patch store folder; ``""`` means ``output_dir("patch_store")`` (notebook 01's).
+        out_dir: output folder for ``checkpoint.pt``, ``config.json``, ``history.csv`` and ``tb/``;
+            ``""`` means ``output_dir("02_pretraining")``.
+        epochs: passes over all (subject, location) pairs; the cosine schedule spans all of them.
+        batch_size: patches per step *per process* (all of one location).
+        lr: learning rate at a global batch of 128 (published 0.01). With ``scale_lr`` the run uses
+            ``lr * batch_size * world_size / 128`` (linear scaling rule).
+        scale_lr: apply the linear scaling rule above.
+        momentum, weight_decay: SGD settings (published 0.9, 1e-4).
+        queue_size: negatives per location K (published 4096). Rounded down to a multiple of the
+            global batch and capped for small cohorts at the largest multiple of the global batch
+            not above ``num_subjects - global_batch`` (at least one global batch), so that the queue
+            of a location holds keys of other subjects rather than stale copies of the same ones.
+        moco_momentum: key-encoder momentum m (0.999).
+        temperature: InfoNCE temperature (0.2).
+        num_neighbors: k nearest anatomical neighbours per anchor (2; 0 disables the neighbour loss).
+        neighbor_weight: beta, weight of the neighbour loss (1.0).
+        conditional: location-conditioned convolutions (``False``: the plain MoCo baseline encoder).
+        num_experts, rep_dim, proj_dim: encoder size (8, 128, 128).
+        augment: augmentation letters (``"agc"``; see :mod:`drasclr_lib.augment`).
+        augment_on: ``"workers"`` (CPU, in the DataLoader workers), ``"device"`` (batched on the
+            training device) or ``"auto"`` (the device when it is a GPU, else the workers).
+        workers: DataLoader worker processes.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``... (under torchrun each process takes ``cuda:LOCAL_RANK``).
+        amp: mixed precision (float16 autocast + gradient scaling); used on CUDA only.
+        seed: seed of the model initialisation, the sampler and the augmentations.
+        max_steps: stop after this many steps in total (CI); the schedule still spans ``epochs``.
+        log_every: steps per history row / TensorBoard point (averages over the window).
+        save_every_steps: also checkpoint every this many steps inside an epoch (0: only at epoch
+            ends), so an interrupted long run loses at most this many steps.
+        tensorboard: write TensorBoard scalars to ``out_dir/tb``.
+        split_bn: sub-batches of the key encoder's split-batch BatchNorm on one device (2).
+        resume: continue from ``out_dir/checkpoint.pt`` when it exists.
+        progress: show a tqdm bar.
+    """
+
+    store: str = ""
+    out_dir: str = ""
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 0.01
+    scale_lr: bool = True
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    queue_size: int = 4096
+    moco_momentum: float = 0.999
+    temperature: float = 0.2
+    num_neighbors: int = 2
+    neighbor_weight: float = 1.0
+    conditional: bool = True
+    num_experts: int = 8
+    rep_dim: int = 128
+    proj_dim: int = 128
+    augment: str = "agc"
+    augment_on: str = "auto"
+    workers: int = 2
+    device: str = "auto"
+    amp: bool = True
+    seed: int = 0
+    max_steps: int | None = None
+    log_every: int = 10
+    save_every_steps: int = 1000
+    tensorboard: bool = True
+    split_bn: int = 2
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.store, self.out_dir = str(self.store), str(self.out_dir)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check ranges and types.
+
+        Raises:
+            ValueError: naming the first bad field.
+        """
+        positive = ["epochs", "batch_size", "queue_size", "num_experts", "rep_dim", "proj_dim", "log_every",
+                    "split_bn"]
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"PretrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ["lr", "temperature"]:
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"PretrainConfig.{name} must be > 0, got {getattr(self, name)}")
+        for name in ["momentum", "moco_momentum"]:
+            if not 0 <= float(getattr(self, name)) < 1:
+                raise ValueError(f"PretrainConfig.{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ["weight_decay", "neighbor_weight", "num_neighbors", "workers", "save_every_steps"]:
+            if getattr(self, name) < 0:
+                raise ValueError(f"PretrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps is not None and int(self.max_steps) < 1:
+            raise ValueError(f"PretrainConfig.max_steps must be >= 1 or None, got {self.max_steps}")
+        if self.augment_on not in {"auto", "workers", "device"}:
+            raise ValueError(f"PretrainConfig.augment_on must be 'auto', 'workers' or 'device', got {self.augment_on!r}")
+        parse_augment_spec(self.augment)
+
+    def to_dict(self) -> dict:
+        """Plain dict (JSON- and ``weights_only``-safe)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PretrainConfig":
+        """Build from a dict (e.g. a checkpoint's ``config``); unknown keys are ignored with a warning."""
+        names = {f.name for f in fields(cls)}
+        extra = sorted(set(d) - names)
+        if extra:
+            warnings.warn(f"PretrainConfig.from_dict ignores unknown keys {extra}", stacklevel=2)
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def replace(self, **changes) -> "PretrainConfig":
+        """A copy with some fields changed (validated)."""
+        return dataclasses.replace(self, **changes)
+
+
+def effective_lr(cfg: PretrainConfig, world_size: int = 1) -> float:
+    """The learning rate the optimiser starts from (linear scaling when ``cfg.scale_lr``)."""
+    return cfg.lr * cfg.batch_size * world_size / REFERENCE_BATCH if cfg.scale_lr else cfg.lr
+
+
+def effective_queue_size(queue_size: int, global_batch: int, num_subjects: int) -> int:
+    """The per-location queue length K a run uses (see ``PretrainConfig.queue_size``).
+
+    Args:
+        queue_size: requested K.
+        global_batch: keys enqueued per step (batch size x processes).
+        num_subjects: subjects in the store.
+
+    Returns:
+        K, a multiple of ``global_batch``, ``global_batch <= K <= queue_size``.
+
+    Raises:
+        ValueError: when ``queue_size < global_batch`` (one step's keys would not fit).
+    """
+    if queue_size < global_batch:
+        raise ValueError(f"queue_size {queue_size} is smaller than the global batch {global_batch}: "
+                         "one step's keys would not fit; use queue_size >= batch_size x processes")
+    k = queue_size // global_batch * global_batch
+    cap = max(global_batch, (num_subjects - global_batch) // global_batch * global_batch)
+    return min(k, cap)

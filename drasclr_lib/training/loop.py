@@ -1,0 +1,289 @@
+"""The pretraining loop: one process on the CPU or one GPU, or DDP under ``torchrun``.
+
+Per step: a batch of one location (``LocationBatchSampler``), two augmented views of every anchor
+and its augmented neighbours (``PatchPairDataset``), one ``DrasCLR`` forward (local + beta x
+neighbour InfoNCE, keys of the step enqueued into that location's queue), SGD with momentum and
+weight decay on the query encoder, learning rate on a per-step cosine schedule.
+
+Resuming restores the model (query and key encoders, queues and pointers), the optimiser, the
+schedule, the gradient scaler, every RNG state, the sampler position and the partial logging
+window; with ``workers=0`` on the CPU a resumed run reproduces the uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from drasclr_lib.augment import build_augment
+from drasclr_lib.data.patch_store import PatchStore
+from drasclr_lib.training.checkpoint import (load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+                                             write_history_csv)
+from drasclr_lib.training.config import RESUME_KEYS, PretrainConfig, effective_lr, effective_queue_size
+from drasclr_lib.training.data import LocationBatchSampler, PatchPairDataset
+from drasclr_lib.utils import output_dir, resolve_device, save_json, seed_everything
+
+__all__ = ["pretrain", "pretrain_model", "cosine_factor"]
+
+_METRICS = ("loss", "loss_local", "loss_neighbor", "acc1")
+
+
+def cosine_factor(step: int, total_steps: int) -> float:
+    """Cosine decay of the learning rate, per step: 1 at step 0, 0 at ``total_steps``."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+
+
+def _dist_env() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def _setup_distributed(cfg: PretrainConfig) -> tuple[int, int, torch.device, bool]:
+    """(rank, world_size, device, initialised_here); initialises the process group under torchrun."""
+    created = False
+    if not dist.is_initialized() and _dist_env() and int(os.environ["WORLD_SIZE"]) > 1:
+        use_cuda = torch.cuda.is_available() and cfg.device in {"auto", "cuda"}
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        created = True
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if dist.get_backend() == "nccl":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+        else:
+            device = torch.device("cpu")
+    else:
+        rank, world, device = 0, 1, resolve_device(cfg.device)
+    return rank, world, device, created
+
+
+def _build_model(cfg: PretrainConfig, num_locations: int, queue_size: int):
+    from drasclr_lib.models import DrasCLR, DrasEncoder
+
+    encoder = DrasEncoder(rep_dim=cfg.rep_dim, proj_dim=cfg.proj_dim, num_experts=cfg.num_experts,
+                          conditional=cfg.conditional)
+    return DrasCLR(encoder, num_locations=num_locations, queue_size=queue_size, momentum=cfg.moco_momentum,
+                   temperature=cfg.temperature, neighbor_weight=cfg.neighbor_weight, split_bn=cfg.split_bn)
+
+
+def _check_resume(ckpt: dict, cfg: PretrainConfig, run: dict, path: Path) -> None:
+    old = ckpt["config"]
+    diff = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS if old.get(k) != getattr(cfg, k)]
+    old_run = ckpt.get("run", {})
+    for k in ("world_size", "num_subjects", "num_locations", "queue_size"):
+        if k in old_run and old_run[k] != run[k]:
+            diff.append(f"{k}: {old_run[k]!r} -> {run[k]!r}")
+    if diff:
+        raise ValueError(f"cannot resume from {path}: the run's settings changed ({'; '.join(diff)}); "
+                         "use a new out_dir or resume=False")
+
+
+def pretrain(cfg: PretrainConfig) -> Path:
+    """Pretrain a DrasCLR encoder on a patch store; write checkpoints, history and config.
+
+    Files (rank 0 writes) in ``cfg.out_dir``: ``checkpoint.pt`` (the latest; every epoch and every
+    ``save_every_steps`` steps), ``config.json`` (the config plus the effective lr, queue size and
+    process count), ``history.csv`` (step, epoch, loss, loss_local, loss_neighbor, acc1, lr,
+    seconds; means over ``log_every`` steps) and ``tb/`` (TensorBoard scalars).
+
+    Args:
+        cfg: the run's settings (:class:`PretrainConfig`).
+
+    Returns:
+        Path of ``checkpoint.pt``.
+
+    Raises:
+        FileNotFoundError: when the store is missing.
+        ValueError: on settings the store cannot serve (batch larger than the cohort) or a resume
+            whose settings differ from the checkpoint's.
+        FloatingPointError: when the loss becomes NaN or infinite (names the step and location).
+    """
+    return pretrain_model(cfg)[0]
+
+
+def pretrain_model(cfg: PretrainConfig):
+    """:func:`pretrain`, also returning this process's trained ``DrasCLR`` (in train mode).
+
+    Returns:
+        ``(checkpoint_path, model)``.
+    """
+    cfg.validate()
+    rank, world, device, created = _setup_distributed(cfg)
+    try:
+        return _train(cfg, rank, world, device)
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device):
+    store = PatchStore(cfg.store or output_dir("patch_store"))
+    out = Path(cfg.out_dir) if cfg.out_dir else output_dir("02_pretraining")
+    ckpt_path = out / "checkpoint.pt"
+    is_main = rank == 0
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    n_sub, n_loc = store.num_subjects, store.num_locations
+    global_batch = cfg.batch_size * world
+    if global_batch > n_sub:
+        raise ValueError(f"batch_size {cfg.batch_size} x {world} process(es) = {global_batch} exceeds the "
+                         f"{n_sub} subjects of {store.root}; every batch holds distinct subjects of one location")
+    queue = effective_queue_size(cfg.queue_size, global_batch, n_sub)
+    if queue != cfg.queue_size and is_main:
+        warnings.warn(f"queue_size {cfg.queue_size} -> {queue} (a multiple of the global batch {global_batch}, "
+                      f"at most num_subjects - global batch for the {n_sub} subjects)", stacklevel=3)
+    lr0 = effective_lr(cfg, world)
+    sampler = LocationBatchSampler(n_sub, n_loc, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True,
+                                   rank=rank, world_size=world)
+    steps_per_epoch = sampler.batches_per_epoch
+    total_steps = cfg.epochs * steps_per_epoch
+    stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    on_device = cfg.augment_on == "device" or (cfg.augment_on == "auto" and device.type == "cuda")
+    run = {"world_size": world, "num_subjects": n_sub, "num_locations": n_loc, "queue_size": queue,
+           "lr": lr0, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
+           "total_steps": total_steps, "augment_on": "device" if on_device else "workers",
+           "device": str(device), "store": str(store.root)}
+
+    seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    model = _build_model(cfg, n_loc, queue).to(device)
+    use_amp = bool(cfg.amp and device.type == "cuda")
+    optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=lr0, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_factor(s, total_steps))
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    step, history, window = 0, [], {"n": 0, **{k: 0.0 for k in _METRICS}}
+    elapsed = 0.0
+
+    if cfg.resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+        _check_resume(ckpt, cfg, run, ckpt_path)
+        model.load_state_dict(ckpt["state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if "scaler" in ckpt and use_amp:
+            scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        step, history = int(ckpt["step"]), list(ckpt.get("history", []))
+        window = dict(ckpt.get("log_window", window))
+        elapsed = float(ckpt.get("seconds", 0.0))
+        if is_main:
+            print(f"resuming {ckpt_path} at step {step} of {stop_step}")
+    elif cfg.resume and is_main:
+        print(f"resume: no checkpoint at {ckpt_path}; starting a new run")
+
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)  # the queues (up to GBs) stay in sync through the gathered keys
+    dataset = PatchPairDataset(store, num_neighbors=cfg.num_neighbors, augment=None if on_device else cfg.augment,
+                               seed=cfg.seed)
+    device_aug = build_augment(cfg.augment, seed=cfg.seed) if on_device else None
+    writer = None
+    if is_main:
+        save_json({**cfg.to_dict(), "effective": run}, out / "config.json")
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(out / "tb"), purge_step=step if step else None)
+
+    def checkpoint() -> None:
+        if not is_main:
+            return
+        save_checkpoint({
+            "epoch": step // steps_per_epoch, "step": step, "arch": "drasclr",
+            "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "config": cfg.to_dict(), "run": dict(run), "rng": rng_state(), "history": history,
+            "log_window": dict(window), "seconds": elapsed,
+        }, ckpt_path)
+        write_history_csv(history, out / "history.csv")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=stop_step, initial=step, desc="pretrain", unit="step", disable=not (is_main and cfg.progress),
+               dynamic_ncols=True)
+    amp_ctx = (lambda: torch.autocast("cuda", dtype=torch.float16)) if use_amp else nullcontext
+    model.train()
+    nbr = cfg.num_neighbors > 0 and cfg.neighbor_weight > 0
+    last_saved = step
+    while step < stop_step:
+        epoch, start = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch, start)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
+                            pin_memory=device.type == "cuda", persistent_workers=False,
+                            generator=torch.Generator().manual_seed(cfg.seed + epoch))  # keeps the global RNG untouched
+        t0 = time.perf_counter()
+        for batch in loader:
+            x_q, x_k = batch["x_q"].to(device, non_blocking=True), batch["x_k"].to(device, non_blocking=True)
+            x_n = batch["x_nbr"].to(device, non_blocking=True) if nbr else None
+            if device_aug is not None:  # one batched call for q, k and the neighbours
+                gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, step, rank]).generate_state(1)[0]))
+                views = torch.cat([x_q, x_k] + ([x_n.flatten(0, 1)] if nbr else []))
+                views = device_aug(views, generator=gen)
+                b = len(x_q)
+                x_q, x_k = views[:b], views[b:2 * b]
+                if nbr:
+                    x_n = views[2 * b:].view_as(x_n)
+            locs = batch["loc"].to(device)
+            loc_idx = batch["loc_idx"].to(device)
+            nbr_locs = batch["nbr_locs"].to(device) if nbr else None
+            lr_now = scheduler.get_last_lr()[0]
+            with amp_ctx():
+                res = net(x_q, x_k, loc_idx, locs, x_nbr=x_n, nbr_locs=nbr_locs)
+            loss = res["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step} (epoch {epoch}, location "
+                                         f"{int(loc_idx[0])}); lower the learning rate or disable amp")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+
+            vals = torch.tensor([float(res[k].detach() if torch.is_tensor(res[k]) else res[k]) if res.get(k) is not None else 0.0
+                                 for k in _METRICS],
+                                dtype=torch.float64)
+            if world > 1:
+                dist.all_reduce(vals)
+                vals /= world
+            window["n"] += 1
+            for k, v in zip(_METRICS, vals.tolist()):
+                window[k] += v
+            elapsed += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            if is_main:
+                bar.update(1)
+                bar.set_postfix(loss=f"{vals[0]:.3f}", acc1=f"{vals[3]:.1f}", epoch=epoch)
+            if window["n"] >= cfg.log_every or step == stop_step:
+                row = {"step": step, "epoch": epoch, **{k: window[k] / window["n"] for k in _METRICS},
+                       "lr": lr_now, "seconds": round(elapsed, 3)}
+                history.append(row)
+                if writer is not None:
+                    for k in (*_METRICS, "lr"):
+                        writer.add_scalar(f"train/{k}", row[k], step)
+                window = {"n": 0, **{k: 0.0 for k in _METRICS}}
+            if step % steps_per_epoch == 0 or (cfg.save_every_steps and step - last_saved >= cfg.save_every_steps):
+                checkpoint()
+                last_saved = step
+            if step >= stop_step:
+                break
+        del loader
+    if last_saved != step or not ckpt_path.exists():
+        checkpoint()
+    bar.close()
+    if writer is not None:
+        writer.close()
+    if world > 1:
+        dist.barrier()
+    return ckpt_path, model

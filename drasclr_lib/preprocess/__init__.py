@@ -1,5 +1,56 @@
-"""Preprocessing: from a CT file to registered atlas patches."""
+"""Preprocessing: from a CT file to registered atlas patches (SPEC "Preprocessing").
 
-from drasclr_lib.preprocess.atlas import nearest_neighbors, normalize_locations
+Modules, in pipeline order:
 
-__all__ = ["nearest_neighbors", "normalize_locations"]
+- :mod:`~drasclr_lib.preprocess.io`: ``read_ct`` (HU, LPS), ``read_label``, ``reorient``
+- :mod:`~drasclr_lib.preprocess.resample`: ``resample_isotropic`` (1 mm, 60 voxels of padding)
+- :mod:`~drasclr_lib.preprocess.lung_mask`: ``segment_lungs`` (no network)
+- :mod:`~drasclr_lib.preprocess.registration`: ``register_masks``, ``registration_dice``
+- :mod:`~drasclr_lib.preprocess.atlas`: the grid rule ``atlas_landmarks``, ``Atlas``,
+  ``choose_reference``, ``normalize_locations``, ``nearest_neighbors``
+- :mod:`~drasclr_lib.preprocess.patches`: ``extract_patches``
+- :mod:`~drasclr_lib.preprocess.cohort`: ``preprocess_subject``, ``preprocess_cohort``
+  (CLI ``drasclr preprocess``)
+- :mod:`~drasclr_lib.preprocess.errors`: ``PreprocessError``
+
+Only the atlas names are imported eagerly (NumPy and SimpleITK); every other name is loaded on
+first use, so ``import drasclr_lib.preprocess`` stays light.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from drasclr_lib.preprocess.atlas import Atlas, atlas_landmarks, choose_reference, nearest_neighbors, normalize_locations
+
+_LAZY = {
+    "PreprocessError": "errors",
+    "read_ct": "io",
+    "read_label": "io",
+    "reorient": "io",
+    "resample_isotropic": "resample",
+    "segment_lungs": "lung_mask",
+    "register_masks": "registration",
+    "registration_dice": "registration",
+    "transform_to_dict": "registration",
+    "transform_from_dict": "registration",
+    "extract_patches": "patches",
+    "map_corners": "patches",
+    "resample_to_grid": "patches",
+    "preprocess_subject": "cohort",
+    "preprocess_cohort": "cohort",
+}
+
+__all__ = ["Atlas", "atlas_landmarks", "choose_reference", "nearest_neighbors", "normalize_locations", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f"drasclr_lib.preprocess.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'drasclr_lib.preprocess' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -31,7 +31,7 @@ from pathlib import Path
 from drasclr_lib.utils import load_json, save_json
 
 __all__ = ["PRETRAINED_METHODS", "ABLATION_FLAGS", "BUDGET_KEYS", "method_config", "config_digest", "matches",
-           "ensure_checkpoint"]
+           "ensure_checkpoint", "prepare_embeddings"]
 
 PRETRAINED_METHODS = ("moco", "drasclr_no_nbr", "drasclr")
 ABLATION_FLAGS = {
@@ -117,3 +117,43 @@ def ensure_checkpoint(method: str, base, out_root: str | os.PathLike, *,
     path = Path(pretrain(cfg))
     save_json({"digest": config_digest(cfg), "method": method, "checkpoint": str(path)}, done)
     return path, "trained"
+
+
+def prepare_embeddings(store, base, out_root: str | os.PathLike, *, methods=("random", *PRETRAINED_METHODS),
+                       reuse_drasclr: str | os.PathLike | None = None, seed: int = 0, device: str = "auto",
+                       batch_size: int = 256, calibration_batches: int = 64,
+                       progress: bool = True) -> tuple[dict, dict]:
+    """Patch embeddings of every compared encoder, training the missing pretraining runs.
+
+    ``random`` is the same architecture with random weights (``drasclr_lib.embed.random_encoder``,
+    BatchNorm statistics calibrated on the store, conditional like DrasCLR); the pretrained
+    methods come from :func:`ensure_checkpoint` and are loaded with ``load_encoder``.
+
+    Args:
+        store: a ``PatchStore``.
+        base: the shared ``PretrainConfig`` budget (its ``store`` should be this store's folder).
+        out_root: folder of the pretraining runs (e.g. ``output_dir("04_downstream")``).
+        methods: which encoders to embed with.
+        reuse_drasclr: notebook 02's run folder, reused for ``drasclr`` when its budget matches.
+        seed: seed of the random encoder.
+        calibration_batches: batches of the random encoder's BatchNorm calibration.
+        device, batch_size, progress: passed to ``embed_cohort``.
+
+    Returns:
+        ``({method: EmbeddingSet}, {method: how})`` where ``how`` says where the weights came from.
+    """
+    from drasclr_lib.embed import embed_cohort, random_encoder
+    from drasclr_lib.models import load_encoder
+
+    embeddings, how = {}, {}
+    for m in methods:
+        if m == "random":
+            enc = random_encoder(seed=seed, store=store, device=device, calibration_batches=calibration_batches,
+                                 rep_dim=base.rep_dim, num_experts=base.num_experts, proj_dim=base.proj_dim)
+            how[m] = f"random weights (seed {seed}), BatchNorm calibrated on the store"
+        else:
+            path, how[m] = ensure_checkpoint(m, base, out_root, reuse=reuse_drasclr if m == "drasclr" else None)
+            enc = load_encoder(path)
+        embeddings[m] = embed_cohort(enc, store, batch_size=batch_size, device=device, progress=progress,
+                                     meta={"method": m, "source": how[m]})
+    return embeddings, how

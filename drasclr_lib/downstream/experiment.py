@@ -7,7 +7,7 @@ runs every task on every method with those folds:
 =================  ==========================================  ===========================
 task               model                                       metrics
 =================  ==========================================  ===========================
-FEV1pp, FEV1_FVC   ridge on pooled embeddings                  r2
+FEV1pp, FEV1_FVC   ridge on pooled embeddings                  r2, r2_oof
 GOLD, emph_grade,  multinomial logistic regression             accuracy, auc_macro
 paraseptal_grade
 survival           PCA + penalised Cox (lifelines)             c_index
@@ -18,7 +18,9 @@ subtype            patch-level multinomial logistic regression auc_macro, auc_<s
 The clinical baseline ``qct`` is built from the store itself: %LAA-950 and lung volume per
 subject (``laa950``, ``lung_volume_l``) and, for the patch task, per-patch %LAA-950 and lung
 fraction. The result table has one row per (method, task, metric) with the mean and standard
-deviation over the evaluated folds.
+deviation over the evaluated folds. ``r2_oof`` is the R² of the out-of-fold predictions pooled over
+all folds (one number, no SD): with a few subjects per fold the per-fold R² is dominated by the
+small variance of each test fold, the pooled one is not.
 """
 
 from __future__ import annotations
@@ -151,6 +153,13 @@ def _summarise(method: str, task: str, scores: pd.DataFrame, metrics: list[str],
                      "folds": int(len(ok)), "n": int(n)})
 
 
+def _r2(y: np.ndarray, pred: np.ndarray) -> float:
+    """R² of pooled out-of-fold predictions (stable for small folds, where per-fold R² is noisy)."""
+    if len(y) < 2 or np.ptp(y) == 0:
+        return float("nan")
+    return float(1 - np.sum((y - pred) ** 2) / np.sum((y - y.mean()) ** 2))
+
+
 def _embedding_arrays(embeddings: Mapping[str, Any], sids: list[str]) -> dict[str, np.ndarray]:
     out = {}
     for method, emb in embeddings.items():
@@ -248,8 +257,11 @@ def run_downstream(
         for task in REGRESSION_TASKS:
             y = _column(table, sids, task)
             if y is not None and np.isfinite(y).sum() >= folds:
-                scores, _ = cv_regression(X, y, fold)
+                scores, pred = cv_regression(X, y, fold)
                 _summarise(m, task, scores, ["r2"], int(np.isfinite(y).sum()), rows, long)
+                ok = np.isfinite(pred) & np.isfinite(y)
+                rows.append({"method": m, "task": task, "metric": "r2_oof", "mean": _r2(y[ok], pred[ok]),
+                             "sd": float("nan"), "folds": int(len(scores)), "n": int(ok.sum())})
         for task in CLASSIFICATION_TASKS:
             y = _column(table, sids, task)
             if y is not None and np.isfinite(y).sum() >= folds:

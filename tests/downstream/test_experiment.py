@@ -58,7 +58,9 @@ def test_run_downstream_table_complete_and_sane(labelled_store):
                              ("survival", "c_index"), ("subtype", "auc_macro"), ("subtype", "auc_none")]:
             assert ((t.method == m) & (t.task == task) & (t.metric == metric)).sum() == 1, (m, task, metric)
     # NaN labels dropped per task
-    assert t[(t.method == "qct") & (t.task == "FEV1pp")].n.item() == 18
+    assert t[(t.method == "qct") & (t.task == "FEV1pp") & (t.metric == "r2")].n.item() == 18
+    assert t[(t.method == "qct") & (t.task == "FEV1pp") & (t.metric == "r2_oof")].n.item() == 18
+    assert res.value("qct", "FEV1pp", "r2_oof") > 0.7
     assert t[(t.method == "qct") & (t.task == "survival")].n.item() == 19
     assert res.value("qct", "FEV1pp", "r2") > 0.7
     assert res.value("good", "FEV1pp", "r2") > 0.7

@@ -9,6 +9,7 @@ CI_PARAMS: dict[str, dict] = {
     "01_preprocessing": {},
     "02_pretraining": {},
     "03_embeddings": {},
-    "04_downstream": {},
+    "04_downstream": {"FOLDS": 4, "PCA_COMPONENTS": 4, "EPOCHS": 1, "MAX_STEPS": 20, "BATCH_SIZE": 8, "WORKERS": 0,
+                      "CALIBRATION_BATCHES": 8},
     "05_segmentation": {},
 }

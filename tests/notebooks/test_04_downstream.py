@@ -1,0 +1,40 @@
+"""Notebook 04 with CI parameters: every method x task row, and bounds a broken pipeline cannot meet."""
+
+import math
+
+import pandas as pd
+
+from tests.notebooks.conftest import read_metrics
+
+METHODS = ["qct", "random", "moco", "drasclr_no_nbr", "drasclr"]
+KEYS = ["FEV1pp/r2", "FEV1pp/r2_oof", "FEV1_FVC/r2", "GOLD/accuracy", "GOLD/auc_macro", "emph_grade/auc_macro",
+        "paraseptal_grade/auc_macro", "survival/c_index", "survival/logrank_p_tertiles", "subtype/auc_macro",
+        "subtype/auc_none"]
+
+
+def test_04_downstream(run_notebook):
+    out = run_notebook("04_downstream")
+    m = read_metrics(out)
+    assert m["methods"] == METHODS
+    assert sum(m["fold_sizes"]) == m["num_subjects"] and min(m["fold_sizes"]) >= 1
+    r = m["results"]
+    for meth in METHODS:
+        missing = [k for k in KEYS if k not in r[meth]]
+        assert not missing, f"{meth} lacks {missing}"
+        c = r[meth]["survival/c_index"]
+        assert 0.0 <= c <= 1.0, (meth, c)
+        assert math.isfinite(r[meth]["subtype/auc_macro"]), meth
+        assert 0.0 <= r[meth]["subtype/auc_macro"] <= 1.0
+    # the synthetic cohort's lung function and survival are generated from disease, which %LAA-950 measures
+    assert r["qct"]["FEV1pp/r2_oof"] > 0.3, r["qct"]
+    assert r["qct"]["survival/c_index"] > 0.55, r["qct"]
+    # per-patch %LAA-950 separates emphysematous patches from the others
+    assert r["qct"]["subtype/auc_none"] > 0.7, r["qct"]
+    # the three pretrained encoders were trained (or reused) with one budget, none silently skipped
+    assert set(m["weights"]) == {"random", "moco", "drasclr_no_nbr", "drasclr"}
+    table = pd.read_csv(out / "results.csv")
+    assert list(table.columns[:6]) == ["method", "task", "metric", "mean", "sd", "folds"]
+    assert set(table.method) == set(METHODS)
+    assert (table.groupby(["task", "metric"]).method.nunique() == len(METHODS)).all()
+    for name in ("results_bars.png", "kaplan_meier.png", "subtype_map.png"):
+        assert (out / name).stat().st_size > 5000, name

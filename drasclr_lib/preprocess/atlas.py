@@ -261,6 +261,24 @@ class Atlas:
         res = sitk.Resample(self.mask, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
         return sitk.GetArrayFromImage(res).transpose(2, 1, 0)
 
+    def warp(self, subject_image: sitk.Image, transform=None, *, interpolator: str = "nearest",
+             default: float = 0.0) -> sitk.Image:
+        """A subject image brought onto the atlas mask's grid (for overlays and QC).
+
+        Args:
+            subject_image: image in the subject's physical space (a lung mask, or a CT).
+            transform: atlas physical -> subject physical (as from registration); ``None`` = the
+                identity, i.e. the subject as it lies in physical space before registration.
+            interpolator: ``"nearest"`` (labels) or ``"linear"`` (CT).
+            default: value outside the subject image (use -1024 for a CT).
+
+        Returns:
+            Image with the geometry of :attr:`mask` (pixel type of ``subject_image``).
+        """
+        interp = {"nearest": sitk.sitkNearestNeighbor, "linear": sitk.sitkLinear}[interpolator]
+        return sitk.Resample(subject_image, self.mask, transform if transform is not None else sitk.Transform(),
+                             interp, float(default), subject_image.GetPixelID())
+
     # -- persistence -----------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> tuple[Path, Path]:
         """Write ``atlas_mask.nii.gz`` (on the corner grid) and ``atlas_landmarks.npy`` atomically.

@@ -179,3 +179,15 @@ def test_choose_reference_median_lung_volume(tmp_path):
     assert choose_reference(pd.DataFrame(rows[:3])) == "b"
     no_masks = pd.DataFrame(rows).drop(columns="lung_mask")
     assert choose_reference(no_masks) in {"a", "b", "c", "d"}  # equal scanned volumes: sorted sid order
+
+
+def test_warp_identity_and_translation():
+    _, img = _flipped_mask()
+    atlas = Atlas(mask=sitk.DICOMOrient(sitk.Cast(img > 0, sitk.sitkUInt8), "LPS"), corners=np.array([[0, 0, 0]]),
+                  source="t", patch_size=16)
+    same = atlas.warp(img)
+    assert np.array_equal(sitk.GetArrayFromImage(same) > 0, sitk.GetArrayFromImage(atlas.mask) > 0)
+    moved = atlas.warp(img, sitk.TranslationTransform(3, (0.0, 0.0, 3.0)))  # atlas p -> subject p + 3 mm in z
+    a = sitk.GetArrayFromImage(atlas.mask) > 0
+    w = sitk.GetArrayFromImage(moved) > 0
+    assert w.sum() == a.sum() and not np.array_equal(w, a)

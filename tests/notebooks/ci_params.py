@@ -6,7 +6,7 @@ the 30-minute budget of the test command.
 
 CI_PARAMS: dict[str, dict] = {
     "00_synthetic_cohort": {"N_SUBJECTS": 16, "SEED": 0, "SIZE": "demo", "WORKERS": 2},
-    "01_preprocessing": {},
+    "01_preprocessing": {"DATA_MANIFEST": "synthetic", "ATLAS": "auto", "SEGMENT_LUNGS": True, "WORKERS": 2},
     "02_pretraining": {},
     "03_embeddings": {},
     "04_downstream": {"FOLDS": 4, "PCA_COMPONENTS": 4, "EPOCHS": 1, "MAX_STEPS": 20, "BATCH_SIZE": 8, "WORKERS": 0,

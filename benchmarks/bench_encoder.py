@@ -188,6 +188,7 @@ def main(argv=None) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
         "torch": torch.__version__,
         "amp_bf16": bool(args.amp),
         "repeats": args.repeats,
@@ -199,7 +200,8 @@ def main(argv=None) -> dict:
         "encoder_passes_per_anchor_in_fwd_bwd_units": fb_units,
         "projected_full_schedule": projection,
         "rows": rows,
-        "command": "python benchmarks/bench_encoder.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": ("OMP_WAIT_POLICY=" + os.environ["OMP_WAIT_POLICY"] + " " if "OMP_WAIT_POLICY" in os.environ else "")
+        + "python benchmarks/bench_encoder.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
         "encoder.json" if device.type == "cpu" else f"encoder_{device.type}.json")

@@ -323,7 +323,8 @@ def resolve_atlas(atlas, manifest_df: pd.DataFrame, out_dir: str | os.PathLike, 
     Args:
         atlas: an :class:`Atlas`; a ``(mask_path, landmarks_path or None)`` pair; a mask path;
             ``"auto"`` or ``None``: the atlas saved in ``out_dir`` by an earlier run, else one
-            built from :func:`choose_reference`'s subject and saved there.
+            built from :func:`choose_reference`'s subject and saved there (when that subject
+            cannot be read or segmented, the reference among the others; three tries).
         manifest_df: the cohort.
         out_dir: the store folder.
         segment: for ``"auto"``: segment the reference subject even when it has a mask.
@@ -346,10 +347,20 @@ def resolve_atlas(atlas, manifest_df: pd.DataFrame, out_dir: str | os.PathLike, 
         if info.exists():
             saved.source = load_json(info).get("source", saved.source)
         return saved
-    ref = choose_reference(manifest_df)
-    row = manifest_df.loc[manifest_df["sid"].astype(str) == ref].iloc[0]
-    mask = None if segment else _given(row, "lung_mask")
-    built = Atlas.from_subject(_given(row, "image"), mask, sid=ref, pad=int(pad))
+    tried: list[str] = []
+    while True:  # the reference subject, or the next one when it cannot be used (up to 3 tries)
+        candidates = manifest_df.loc[~manifest_df["sid"].astype(str).isin(tried)]
+        ref = choose_reference(candidates)
+        row = candidates.loc[candidates["sid"].astype(str) == ref].iloc[0]
+        mask = None if segment else _given(row, "lung_mask")
+        try:
+            built = Atlas.from_subject(_given(row, "image"), mask, sid=ref, pad=int(pad))
+            break
+        except (PreprocessError, ValueError) as err:
+            tried.append(ref)
+            if len(tried) >= 3 or len(tried) >= len(manifest_df):
+                raise PreprocessError(f"no atlas could be built from the reference subjects {tried}; last error: {err}",
+                                      stage=getattr(err, "stage", "lung_mask"), sid=ref) from err
     built.source = f"reference subject {ref} (median lung volume, choose_reference)"
     built.save(out_dir)
     save_json({"source": built.source, "reference_sid": ref}, out_dir / "atlas.json")

@@ -229,3 +229,20 @@ def test_cli(store_dir, cohort_dir, tmp_path, capsys):
                             "--landmarks", str(lm), "--no-progress"])
     assert code == 1  # no subject succeeded
     assert os.path.exists(tmp_path / "none" / "failures.csv")
+
+
+def test_auto_atlas_falls_back_when_reference_fails(cohort_dir, tmp_path, monkeypatch):
+    from drasclr_lib.preprocess.atlas import Atlas
+    from drasclr_lib.preprocess.errors import PreprocessError
+
+    real = Atlas.from_subject.__func__
+
+    def failing(cls, ct, lung_mask=None, *, sid=None, **kw):
+        if sid == "s0":
+            raise PreprocessError("no lungs in the field of view", stage="lung_mask", sid=sid)
+        return real(cls, ct, lung_mask, sid=sid, **kw)
+
+    monkeypatch.setattr(Atlas, "from_subject", classmethod(failing))
+    df = load_manifest(cohort_dir / "manifest.csv")
+    atlas = cohort.resolve_atlas("auto", df, tmp_path, pad=PAD)
+    assert "s0" not in atlas.source and (tmp_path / "atlas_landmarks.npy").exists()

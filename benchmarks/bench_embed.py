@@ -1,0 +1,105 @@
+"""Embedding speed: a cohort batched by location, and one new scan with every patch at its own location.
+
+    .venv/bin/python benchmarks/bench_embed.py --threads 2            # writes benchmarks/results/embed.json
+
+Targets (issue 5, 2 CPU cores): cohort >= 250 patches/s; one adult scan (~580 patches, all
+locations different) <= 5 s. The encoder is the published DrasEncoder (conditional, 8 experts,
+~0.19 GFLOP per patch forward) with random weights; patches are random lung-like HU. The machine's
+load average is recorded next to the timings, since other processes on the same cores slow
+everything down proportionally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _store(root: Path, n_subjects: int, n_locations: int, seed: int = 0):
+    from drasclr_lib.data.patch_store import PatchStore, finalize_store, write_store_meta, write_subject
+    from drasclr_lib.preprocess.atlas import nearest_neighbors, normalize_locations
+
+    rng = np.random.default_rng(seed)
+    corners = rng.integers(10, 300, size=(n_locations, 3))
+    write_store_meta(root, corners, normalize_locations(corners), nearest_neighbors(corners, 2))
+    for s in range(n_subjects):
+        write_subject(root, f"b{s:04d}", rng.normal(-800, 120, size=(n_locations, 32, 32, 32)).astype(np.int16))
+    finalize_store(root)
+    return PatchStore(root)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the target is for 2 cores)")
+    ap.add_argument("--subjects", type=int, default=64, help="cohort size of the location-batched run")
+    ap.add_argument("--locations", type=int, default=12, help="locations per subject of the cohort run")
+    ap.add_argument("--scan-patches", type=int, default=580, help="patches of the single new scan")
+    ap.add_argument("--batch-sizes", default="32,64,128", help="batch sizes tried for the single scan")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "embed.json"))
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from drasclr_lib.embed import embed_cohort, embed_subject, random_encoder
+    from drasclr_lib.utils import save_json
+
+    torch.set_num_threads(args.threads)
+    enc = random_encoder(0)
+    rng = np.random.default_rng(1)
+    res = {"threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
+           "processor": platform.processor() or platform.machine(), "load_average_before": os.getloadavg()}
+    with tempfile.TemporaryDirectory() as tmp:
+        store = _store(Path(tmp), args.subjects, args.locations)
+        n = store.num_subjects * store.num_locations
+        embed_cohort(enc, store, subjects=list(range(min(8, args.subjects))), progress=False, device="cpu")  # warm-up
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            embed_cohort(enc, store, batch_size=256, progress=False, device="cpu")
+            times.append(time.perf_counter() - t0)
+        res["cohort"] = {"subjects": args.subjects, "locations": args.locations, "patches": n,
+                         "batch": f"one location x {min(args.subjects, 256)} subjects",
+                         "seconds": min(times), "patches_per_s": n / min(times), "target_patches_per_s": 250}
+        print(f"cohort: {n} patches in {min(times):.2f} s = {n / min(times):.0f} patches/s (target >= 250)")
+
+    patches = rng.normal(-800, 120, size=(args.scan_patches, 32, 32, 32)).astype(np.int16)
+    corners = rng.integers(10, 300, size=(args.scan_patches, 3))
+    from drasclr_lib.preprocess.atlas import normalize_locations
+
+    locs = normalize_locations(corners)
+    assert len(np.unique(locs, axis=0)) == args.scan_patches, "locations must all differ"
+    scan = {}
+    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+        embed_subject(enc, patches[:bs], locs[:bs], batch_size=bs, device="cpu")  # warm-up
+        best = min(_timed(lambda: embed_subject(enc, patches, locs, batch_size=bs, device="cpu"))
+                   for _ in range(args.repeats))
+        scan[str(bs)] = best
+        print(f"one scan: {args.scan_patches} patches, all locations different, batch {bs}: {best:.2f} s")
+    bs_best = min(scan, key=scan.get)
+    res["single_scan"] = {"patches": args.scan_patches, "seconds_by_batch_size": scan, "best_batch_size": int(bs_best),
+                          "seconds": scan[bs_best], "target_seconds": 5.0}
+    res["load_average_after"] = os.getloadavg()
+    save_json(res, args.out)
+    print(f"load average before/after: {res['load_average_before']} / {res['load_average_after']}; -> {args.out}")
+    return 0
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -24,9 +24,9 @@ import sys
 from drasclr_lib.training.checkpoint import load_checkpoint
 from drasclr_lib.training.config import PretrainConfig, effective_lr, effective_queue_size
 from drasclr_lib.training.data import LocationBatchSampler, PatchPairDataset, SampleIndex
-from drasclr_lib.training.loop import cosine_factor, pretrain
+from drasclr_lib.training.loop import cosine_factor, pretrain, pretrain_or_reuse
 
-__all__ = ["PretrainConfig", "pretrain", "cli_main", "LocationBatchSampler", "PatchPairDataset", "SampleIndex",
+__all__ = ["PretrainConfig", "pretrain", "pretrain_or_reuse", "cli_main", "LocationBatchSampler", "PatchPairDataset", "SampleIndex",
            "load_checkpoint", "effective_lr", "effective_queue_size", "cosine_factor"]
 
 

@@ -51,7 +51,9 @@ class PretrainConfig:
         amp: mixed precision (float16 autocast + gradient scaling); used on CUDA only.
         seed: seed of the model initialisation, the sampler and the augmentations.
         max_steps: stop after this many steps in total (CI); the schedule still spans ``epochs``.
-        log_every: steps per history row / TensorBoard point (averages over the window).
+        log_every: steps per history row / TensorBoard point (means over the window); a row is
+            also written at the schedule's end, not at a ``max_steps`` stop (the partial window is
+            kept in the checkpoint, so a resumed run's history equals an uninterrupted one's).
         save_every_steps: also checkpoint every this many steps inside an epoch (0: only at epoch
             ends), so an interrupted long run loses at most this many steps.
         tensorboard: write TensorBoard scalars to ``out_dir/tb``.

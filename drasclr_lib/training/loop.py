@@ -32,7 +32,7 @@ from drasclr_lib.training.config import RESUME_KEYS, PretrainConfig, effective_l
 from drasclr_lib.training.data import LocationBatchSampler, PatchPairDataset
 from drasclr_lib.utils import output_dir, resolve_device, save_json, seed_everything
 
-__all__ = ["pretrain", "pretrain_model", "cosine_factor"]
+__all__ = ["pretrain", "pretrain_model", "pretrain_or_reuse", "cosine_factor"]
 
 _METRICS = ("loss", "loss_local", "loss_neighbor", "acc1")
 
@@ -108,6 +108,31 @@ def pretrain(cfg: PretrainConfig) -> Path:
         FloatingPointError: when the loss becomes NaN or infinite (names the step and location).
     """
     return pretrain_model(cfg)[0]
+
+
+def pretrain_or_reuse(cfg: PretrainConfig, *, force: bool = False) -> tuple[Path, bool]:
+    """Train unless ``out_dir/checkpoint.pt`` already holds the finished run of this config.
+
+    A checkpoint of the same settings that stopped early (interrupted) is resumed; one with other
+    settings, or any checkpoint when ``force``, is replaced by a new run.
+
+    Returns:
+        ``(checkpoint_path, trained)``; ``trained`` is False when the existing run was reused.
+    """
+    path = (Path(cfg.out_dir) if cfg.out_dir else output_dir("02_pretraining")) / "checkpoint.pt"
+    if path.exists() and not force:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            old, run = ckpt["config"], ckpt["run"]
+            same = all(old.get(k) == getattr(cfg, k) for k in RESUME_KEYS)
+            stop = min(run["total_steps"], cfg.max_steps) if cfg.max_steps else run["total_steps"]
+        except Exception:  # noqa: BLE001 - unreadable or foreign file: train anew
+            same, stop, ckpt = False, 0, {"step": -1}
+        if same and int(ckpt["step"]) == stop:
+            return path, False
+        if same and int(ckpt["step"]) < stop:
+            return pretrain(cfg.replace(resume=True)), True
+    return pretrain(cfg.replace(resume=False)), True
 
 
 def pretrain_model(cfg: PretrainConfig):
@@ -265,7 +290,9 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device):
             if is_main:
                 bar.update(1)
                 bar.set_postfix(loss=f"{vals[0]:.3f}", acc1=f"{vals[3]:.1f}", epoch=epoch)
-            if window["n"] >= cfg.log_every or step == stop_step:
+            # rows at every log_every-th step and at the schedule's end; a partial window at a
+            # max_steps stop stays in the checkpoint and is continued on resume (exact history)
+            if window["n"] >= cfg.log_every or step == total_steps:
                 row = {"step": step, "epoch": epoch, **{k: window[k] / window["n"] for k in _METRICS},
                        "lr": lr_now, "seconds": round(elapsed, 3)}
                 history.append(row)

@@ -107,6 +107,18 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
+def contention_note(load_start, load_end, cpus) -> str:
+    """Say whether other processes competed for the CPU during the run (from the load averages)."""
+    if not load_start or not load_end or not cpus:
+        return "load average unavailable"
+    peak = max(load_start[0], load_end[0])
+    if peak > 1.5 * cpus:
+        return (f"CPU oversubscribed by other processes (1-min load {load_start[0]:.1f} at start, {load_end[0]:.1f} at "
+                f"end, on {cpus} CPUs): absolute throughput is well below an idle machine's; batched and loop were "
+                "interleaved, so their ratio is the comparable figure")
+    return f"1-min load {load_start[0]:.1f} at start, {load_end[0]:.1f} at end, on {cpus} CPUs"
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -195,6 +207,7 @@ def main(argv=None) -> dict:
         "warmup": args.warmup,
         "load_average_start": load_start,
         "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+        "note": "",
         "flops": flops,
         "schedule": SCHEDULE,
         "encoder_passes_per_anchor_in_fwd_bwd_units": fb_units,
@@ -203,6 +216,9 @@ def main(argv=None) -> dict:
         "command": ("OMP_WAIT_POLICY=" + os.environ["OMP_WAIT_POLICY"] + " " if "OMP_WAIT_POLICY" in os.environ else "")
         + "python benchmarks/bench_encoder.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
+    result["note"] = contention_note(result["load_average_start"], result["load_average_end"], result["cpu_count"])
+    if device.type == "cuda":
+        result["note"] += "; GPU run"
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / (
         "encoder.json" if device.type == "cpu" else f"encoder_{device.type}.json")
     save_json(result, out)
@@ -226,6 +242,9 @@ def markdown_table(result: dict) -> str:
         loop_gf = f"{r['loop_gflops']:.1f}" if "loop_s" in r else "—"
         lines.append(f"| {r['batch']} | {r['kind']} | {r['batched_patches_per_s']:.1f} | {loop_ps} | {sp} | "
                      f"{r['batched_gflops']:.1f} | {loop_gf} |")
+    if result.get("note"):
+        lines.append("")
+        lines.append(f"Note: {result['note']}.")
     if result["projected_full_schedule"]:
         lines.append("")
         proj = ", ".join(f"{k.replace('_days', '')}: {v:,.0f} days" for k, v in result["projected_full_schedule"].items())

@@ -253,6 +253,7 @@ def _ddp_worker(rank, world, port, result_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_share_queues(tmp_path):
     import socket
 

@@ -6,9 +6,10 @@ the 30-minute budget of the test command.
 
 CI_PARAMS: dict[str, dict] = {
     "00_synthetic_cohort": {"N_SUBJECTS": 16, "SEED": 0, "SIZE": "demo", "WORKERS": 2},
-    "01_preprocessing": {"DATA_MANIFEST": "synthetic", "ATLAS": "auto", "SEGMENT_LUNGS": True, "WORKERS": 2},
-    "02_pretraining": {},
-    "03_embeddings": {},
+    "01_preprocessing": {"DATA_MANIFEST": "synthetic", "ATLAS": "auto", "SEGMENT_LUNGS": True, "WORKERS": 2, "PAD": 30},
+    "02_pretraining": {"EPOCHS": 1, "BATCH_SIZE": 8, "LR": 1.6, "QUEUE_SIZE": 16, "WORKERS": 2, "MAX_STEPS": 40,
+                       "LOG_EVERY": 1, "DEVICE": "cpu"},
+    "03_embeddings": {"UMAP_MAX_POINTS": 1500, "METRIC_MAX_PATCHES": 6000, "INTERACTIVE": False, "SEED": 0},
     "04_downstream": {"FOLDS": 4, "PCA_COMPONENTS": 4, "EPOCHS": 1, "MAX_STEPS": 20, "BATCH_SIZE": 8, "WORKERS": 0,
                       "CALIBRATION_BATCHES": 8},
     "05_segmentation": {},

@@ -1,0 +1,33 @@
+"""Notebook 03 with CI parameters: embeddings on disk, figures, and probes that beat chance and the baseline."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from drasclr_lib.data.patch_store import PatchStore
+from drasclr_lib.embed import EmbeddingSet
+from tests.notebooks.conftest import read_metrics
+
+
+def test_03_embeddings(run_notebook):
+    out = run_notebook("03_embeddings")
+    m = read_metrics(out)
+    store = PatchStore(out.parent / "patch_store")
+    emb = EmbeddingSet.load(out / "embeddings.npz")
+    assert emb.sids == store.sids
+    assert emb.h.shape == (store.num_subjects, store.num_locations, 128) and np.isfinite(emb.h).all()
+    assert m["n_subjects"] == store.num_subjects and m["n_locations"] == store.num_locations
+    # subjects differ (a broken encoder or an untrained BatchNorm gives near-constant h)
+    assert emb.h.std(axis=0).mean() > 1e-3
+    for name in ("umap_patches.png", "umap_subjects.png"):
+        assert (out / name).stat().st_size > 10_000, name
+    assert any(p.name.startswith("explorer_") for p in out.glob("*.png"))
+
+    for enc in ("pretrained", "random"):
+        r = m[enc]
+        # location decoding far above chance for both (conditional convolutions see the location)
+        assert r["location_knn_acc"] > max(0.5, 5 * r["location_chance"]), (enc, r)
+        assert np.isfinite(r["emph_r2"]) and -1 < r["emph_r2"] <= 1
+    # disease signal: the pretrained encoder beats random weights on held-out subjects
+    assert m["pretrained"]["emph_r2"] > m["random"]["emph_r2"], m
+    assert m["pretrained"]["emph_r2"] > 0.2, m

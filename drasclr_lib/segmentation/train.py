@@ -19,7 +19,8 @@ from drasclr_lib.data.patch_store import PatchStore
 from drasclr_lib.intensity import hu_to_input
 from drasclr_lib.utils import resolve_device, seed_everything
 
-__all__ = ["SegConfig", "patch_targets", "train_segmenter", "predict_patches", "evaluate_segmenter", "class_names"]
+__all__ = ["SegConfig", "patch_targets", "candidate_pairs", "train_segmenter", "predict_patches", "dice_scores",
+           "evaluate_segmenter", "class_names", "config_dict"]
 
 
 @dataclass
@@ -38,7 +39,18 @@ class SegConfig:
         flip: random flips as augmentation (labels flipped with the image).
         amp: mixed precision on CUDA (ignored on CPU).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
+        eval_patches: patches per held-out subject scored by :func:`evaluate_segmenter` in the
+            label-efficiency experiment (evenly spaced over the subject's lung locations, the
+            same for every model); 0 = all of them.
+        dice_background: include the background class in the Dice part of the loss. Off by
+            default: emphysema is a small share of the voxels and a background Dice term lets a
+            short run settle on predicting no emphysema at all.
         seed: seed of the sampling and of the decoder's initialisation.
+        bn_reset: BatchNorm running statistics are reset when fine-tuning starts and averaged
+            cumulatively over the first ``1 / 0.1 = 10`` steps, then tracked with momentum 0.1.
+            A short run otherwise evaluates with statistics that are still mostly the
+            initial ones (mean 0, variance 1 for random weights; the pretraining
+            distribution for pretrained ones), which ruins the eval-mode predictions.
     """
 
     num_classes: int = 2
@@ -51,11 +63,16 @@ class SegConfig:
     flip: bool = True
     amp: bool = True
     device: str = "auto"
+    eval_patches: int = 0
+    dice_background: bool = False
     seed: int = 0
+    bn_reset: bool = True
 
     def __post_init__(self):
         if self.num_classes not in (2, 4):
             raise ValueError(f"num_classes must be 2 (emphysema vs not) or 4 (by subtype), got {self.num_classes}")
+        if self.eval_patches < 0:
+            raise ValueError(f"eval_patches must be >= 0 (0 = all), got {self.eval_patches}")
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"steps and batch_size must be positive, got {self.steps}, {self.batch_size}")
 
@@ -71,7 +88,13 @@ def patch_targets(label_patches: np.ndarray, num_classes: int) -> np.ndarray:
     return (lab > 0).astype(np.int64) if num_classes == 2 else np.clip(lab, 0, 3).astype(np.int64)
 
 
-def _candidate_pairs(store: PatchStore, subjects, min_lung_fraction: float) -> np.ndarray:
+def candidate_pairs(store: PatchStore, subjects, min_lung_fraction: float) -> np.ndarray:
+    """(subject, location) pairs used for training and evaluation: (M, 2) int64.
+
+    A subject's locations whose ``patch_lung_fraction`` (from its record) is below
+    ``min_lung_fraction`` are left out; all locations are kept when the record lacks the list,
+    when ``min_lung_fraction`` is 0, or when no location would remain.
+    """
     pairs = []
     for s in subjects:
         frac = store.record(int(s)).get("patch_lung_fraction")
@@ -120,15 +143,23 @@ def train_segmenter(model, store: PatchStore, subjects, cfg: SegConfig, *, progr
     else:
         for p in enc_params:
             p.requires_grad_(False)
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, foreach=True)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=cfg.dice_background)
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    pairs = _candidate_pairs(store, subjects, cfg.min_lung_fraction)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if cfg.bn_reset:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average until step 10
+    pairs = candidate_pairs(store, subjects, cfg.min_lung_fraction)
     locs_all = torch.from_numpy(store.locs)
     history, t0 = [], time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="fine-tune", disable=not progress, leave=False)
     for step in bar:
+        if cfg.bn_reset and step == 10:
+            for m in bns:
+                m.momentum = 0.1
         # one location per batch: every sample shares one mixed kernel (the encoder's fast path)
         loc_idx = int(pairs[rng.integers(len(pairs)), 1])
         at_loc = pairs[pairs[:, 1] == loc_idx]
@@ -177,39 +208,60 @@ def predict_patches(model, patches_hu: np.ndarray, locs: np.ndarray, *, batch_si
     return np.concatenate(out)
 
 
+def dice_scores(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> dict:
+    """Dice of every foreground class over all voxels of ``pred`` and ``truth`` (same shape, int labels).
+
+    ``Dice_c = 2 TP / (2 TP + FP + FN)``; a class absent from both counts as 1.
+
+    Returns:
+        ``{"dice": mean over foreground classes, "dice_<class>": ...}``.
+    """
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction {pred.shape} and truth {truth.shape} differ in shape")
+    names = class_names(num_classes)
+    row, dices = {}, []
+    for c in range(1, num_classes):
+        p, t = pred == c, truth == c
+        tp = int(np.count_nonzero(p & t))
+        fp = int(np.count_nonzero(p)) - tp
+        fn = int(np.count_nonzero(t)) - tp
+        d = 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+        row[f"dice_{names[c]}"] = float(d)
+        dices.append(d)
+    return {"dice": float(np.mean(dices)), **row}
+
+
 def evaluate_segmenter(model, store: PatchStore, subjects, *, num_classes: int = 2, batch_size: int = 32,
-                       device: str = "auto", min_lung_fraction: float = 0.05) -> pd.DataFrame:
+                       device: str = "auto", min_lung_fraction: float = 0.05,
+                       max_patches: int | None = None) -> pd.DataFrame:
     """Held-out Dice per subject, pooled over the subject's lung patches.
 
     Voxel counts (true positives, false positives, false negatives) are summed over the subject's
     patches with at least ``min_lung_fraction`` lung, then ``Dice = 2TP / (2TP + FP + FN)`` per
     foreground class; ``dice`` is their mean. A class absent from both truth and prediction
-    counts as Dice 1.
+    counts as Dice 1. Patches overlap (atlas step 26 for 32³ patches), so a voxel in an overlap
+    counts once per patch.
+
+    Args:
+        max_patches: score only this many of each subject's lung locations, evenly spaced over
+            them (deterministic, the same for every model); ``None`` or 0 = all.
 
     Returns:
         DataFrame with ``sid``, ``dice`` and ``dice_<class>`` per foreground class.
     """
     rows = []
-    names = class_names(num_classes)
     for s in subjects:
         s = int(s)
-        pairs = _candidate_pairs(store, [s], min_lung_fraction)
+        pairs = candidate_pairs(store, [s], min_lung_fraction)
         locs_idx = pairs[:, 1]
+        if max_patches and len(locs_idx) > max_patches:
+            locs_idx = locs_idx[np.unique(np.linspace(0, len(locs_idx) - 1, int(max_patches)).round().astype(int))]
         probs = predict_patches(model, store.patches(s)[locs_idx], store.locs[locs_idx], batch_size=batch_size,
                                 device=device)
         pred = probs.argmax(1)
         truth = patch_targets(store.label_patches(s)[locs_idx], num_classes)
-        row = {"sid": store.sids[s]}
-        dices = []
-        for c in range(1, num_classes):
-            tp = np.sum((pred == c) & (truth == c))
-            fp = np.sum((pred == c) & (truth != c))
-            fn = np.sum((pred != c) & (truth == c))
-            d = 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
-            row[f"dice_{names[c]}"] = float(d)
-            dices.append(d)
-        row["dice"] = float(np.mean(dices))
-        rows.append(row)
+        rows.append({"sid": store.sids[s], **dice_scores(pred, truth, num_classes)})
     return pd.DataFrame(rows)
 
 

@@ -1,0 +1,304 @@
+"""The label-efficiency experiment: held-out Dice against the share of labelled subjects.
+
+For every seed the labelled training subjects are shuffled once (``numpy`` generator seeded with
+the seed) and the subset of a fraction ``f`` is the first ``n(f) = max(1, round(f * N))`` of that
+order (``round`` half up), so the subsets of one seed are **nested** (the 5 % subjects are part of
+the 10 % subjects, and so on) and every initialisation sees exactly the same subjects, the same
+sampling seed and the same decoder initialisation: the comparison between initialisations is
+paired. Two fractions that give the same ``n`` train the very same run (identical subset, seed
+and settings); it is trained once and its row is repeated.
+
+Baselines that need no training (:func:`baseline_dice`) bound what a broken pipeline reaches:
+predicting background everywhere, every lung voxel as emphysema, or the classic density rule
+(lung voxels below -950 HU).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from drasclr_lib.data.patch_store import PatchStore
+from drasclr_lib.segmentation.train import (SegConfig, candidate_pairs, class_names, dice_scores, evaluate_segmenter,
+                                            patch_targets, train_segmenter)
+
+__all__ = ["subset_sizes", "nested_subsets", "label_efficiency", "summarize", "plot_label_efficiency",
+           "lung_patches", "baseline_dice"]
+
+
+def _round_half_up(x: float) -> int:
+    return int(np.floor(x + 0.5))
+
+
+def subset_sizes(n_train: int, fractions: Sequence[float]) -> list[int]:
+    """Labelled subjects per fraction: ``max(1, round(f * n_train))`` (half up), capped at ``n_train``.
+
+    Raises:
+        ValueError: for ``n_train < 1`` or a fraction outside (0, 1].
+    """
+    if n_train < 1:
+        raise ValueError(f"need at least one training subject, got {n_train}")
+    out = []
+    for f in fractions:
+        if not 0 < float(f) <= 1:
+            raise ValueError(f"label fractions must lie in (0, 1], got {f}")
+        out.append(min(n_train, max(1, _round_half_up(float(f) * n_train))))
+    return out
+
+
+def nested_subsets(train_subjects: Sequence[int], fractions: Sequence[float], seed: int) -> dict[float, list[int]]:
+    """The labelled subset of every fraction for one seed (nested: prefixes of one shuffled order).
+
+    Args:
+        train_subjects: subject indices available for training (N of them).
+        fractions: label fractions in (0, 1].
+        seed: seed of the shuffle.
+
+    Returns:
+        ``{fraction: [subject indices]}``; a smaller fraction's subset is a prefix of a larger one's.
+    """
+    subjects = np.asarray(list(train_subjects), dtype=np.int64)
+    order = np.random.default_rng(seed).permutation(len(subjects))
+    sizes = subset_sizes(len(subjects), fractions)
+    return {float(f): [int(s) for s in subjects[order[:n]]] for f, n in zip(fractions, sizes)}
+
+
+def _indices(store: PatchStore, subjects) -> list[int]:
+    return [int(s) if isinstance(s, (int, np.integer)) else store.index(s) for s in subjects]
+
+
+def label_efficiency(store: PatchStore, *, train_subjects: Sequence, test_subjects: Sequence,
+                     fractions: Sequence[float] = (0.05, 0.1, 0.25, 1.0),
+                     inits: Mapping[str, str | Path | None], seeds: Sequence[int] = (0, 1, 2),
+                     cfg: SegConfig, progress: bool = True, cache_dir: str | Path | None = None) -> pd.DataFrame:
+    """Fine-tune one segmenter per initialisation x fraction x seed and score it on the test subjects.
+
+    Args:
+        store: a patch store with label patches.
+        train_subjects: indices or sids of the labelled training pool (N subjects).
+        test_subjects: indices or sids of the held-out subjects (disjoint from the pool).
+        fractions: shares of the pool that are labelled, in (0, 1] (see the module docstring
+            for how the subsets are drawn).
+        inits: ``{name: checkpoint path}``; ``None`` means random weights. A name that is one of
+            ``"random"``, ``"moco"``, ``"drasclr"`` is used as the ``init`` of
+            :func:`~drasclr_lib.segmentation.model.build_segmenter`; other names load their
+            checkpoint (``"drasclr"`` semantics) or are random when the path is ``None``.
+        seeds: one run per seed: the subset, the sampling and the decoder initialisation.
+        cfg: fine-tuning settings; ``cfg.seed`` is replaced by each seed.
+        progress: show a tqdm bar over the runs.
+        cache_dir: optional folder; each finished run is saved there as
+            ``<init>_n<n>_s<seed>.json`` and reused by a later call with the same settings
+            (resumable long runs).
+
+    Returns:
+        DataFrame, one row per init x fraction x seed: ``init``, ``fraction``, ``seed``,
+        ``n_labelled``, ``dice`` (mean over the test subjects of the patch-pooled Dice of
+        :func:`~drasclr_lib.segmentation.train.evaluate_segmenter`), ``dice_sd_subjects``,
+        ``dice_<class>`` per foreground class, ``final_loss``, ``seconds`` (training time).
+
+    Raises:
+        ValueError: for empty or overlapping subject lists, or a store without labels.
+    """
+    from dataclasses import asdict, replace
+
+    from tqdm.auto import tqdm
+
+    from drasclr_lib.segmentation.model import INITS, build_segmenter
+    from drasclr_lib.utils import load_json, save_json
+
+    train_idx, test_idx = _indices(store, train_subjects), _indices(store, test_subjects)
+    if not train_idx or not test_idx:
+        raise ValueError("label_efficiency needs non-empty train_subjects and test_subjects")
+    overlap = set(train_idx) & set(test_idx)
+    if overlap:
+        raise ValueError(f"train and test subjects overlap: {sorted(store.sids[i] for i in overlap)[:5]}")
+    if not store.has_labels:
+        raise ValueError(f"the patch store {store.root} has no label patches for every subject")
+    if not inits:
+        raise ValueError("inits is empty: give at least one {name: checkpoint or None}")
+    names = class_names(cfg.num_classes)
+    runs = []
+    for seed in seeds:
+        subsets = nested_subsets(train_idx, fractions, seed)
+        for name in inits:
+            for f in fractions:
+                runs.append((name, float(f), int(seed), subsets[float(f)]))
+    done: dict[tuple, dict] = {}
+    rows = []
+    cache = Path(cache_dir) if cache_dir is not None else None
+    settings = {k: v for k, v in asdict(cfg).items() if k != "seed"}
+    for name, f, seed, subset in tqdm(runs, desc="label efficiency", disable=not progress):
+        key = (name, len(subset), seed)
+        if key not in done:
+            cache_file = cache / f"{name}_n{len(subset)}_s{seed}.json" if cache is not None else None
+            ckpt = inits[name]
+            hit = None
+            if cache_file is not None and cache_file.exists():
+                saved = load_json(cache_file)
+                if saved.get("settings") == settings and saved.get("checkpoint") == (None if ckpt is None else str(ckpt)) \
+                        and saved.get("subset") == subset and saved.get("test") == test_idx:
+                    hit = saved["result"]
+            if hit is None:
+                init = "random" if ckpt is None else (name if name in INITS[1:] else "drasclr")
+                model = build_segmenter(init, ckpt, num_classes=cfg.num_classes, seed=seed)
+                t0 = time.perf_counter()
+                hist = train_segmenter(model, store, subset, replace(cfg, seed=seed), progress=False)
+                seconds = time.perf_counter() - t0
+                scores = evaluate_segmenter(model, store, test_idx, num_classes=cfg.num_classes, device=cfg.device,
+                                            min_lung_fraction=cfg.min_lung_fraction, max_patches=cfg.eval_patches)
+                hit = {"dice": float(scores["dice"].mean()),
+                       "dice_sd_subjects": float(scores["dice"].std(ddof=0)),
+                       **{f"dice_{c}": float(scores[f"dice_{c}"].mean()) for c in names[1:]},
+                       "final_loss": float(np.mean([h["loss"] for h in hist[-10:]])),
+                       "seconds": float(seconds)}
+                if cache_file is not None:
+                    save_json({"settings": settings, "checkpoint": None if ckpt is None else str(ckpt),
+                               "subset": subset, "test": test_idx, "result": hit}, cache_file)
+            done[key] = hit
+        rows.append({"init": name, "fraction": f, "seed": seed, "n_labelled": len(subset), **done[key]})
+    return pd.DataFrame(rows)
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sample standard deviation (over seeds) of the Dice per initialisation and fraction.
+
+    Returns:
+        DataFrame with ``init``, ``fraction``, ``n_labelled``, ``n_seeds``, ``dice_mean``,
+        ``dice_sd`` (NaN for a single seed), ``seconds_mean``, and ``dice`` as text
+        ``"0.712 ± 0.031"``; ordered by init (as first seen) and fraction.
+    """
+    if df.empty:
+        raise ValueError("summarize: the results table is empty")
+    order = list(dict.fromkeys(df["init"]))
+    g = df.groupby(["init", "fraction"], sort=False)
+    out = g.agg(n_labelled=("n_labelled", "first"), n_seeds=("seed", "nunique"), dice_mean=("dice", "mean"),
+                dice_sd=("dice", lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")),
+                seconds_mean=("seconds", "mean")).reset_index()
+    out["init"] = pd.Categorical(out["init"], categories=order, ordered=True)
+    out = out.sort_values(["init", "fraction"]).reset_index(drop=True)
+    out["init"] = out["init"].astype(str)
+    out["dice"] = [f"{m:.3f}" + ("" if not np.isfinite(s) else f" ± {s:.3f}") for m, s in zip(out["dice_mean"], out["dice_sd"])]
+    return out
+
+
+def plot_label_efficiency(summary: pd.DataFrame, *, baselines: Mapping[str, float] | None = None, ax=None,
+                          title: str = "Label efficiency (held-out Dice)"):
+    """Dice against label fraction, one line per initialisation with a ±1 sd band over seeds.
+
+    Args:
+        summary: the output of :func:`summarize`.
+        baselines: optional ``{label: dice}`` drawn as dashed horizontal lines (e.g. the
+            all-lung or the -950 HU baseline).
+        ax: draw into this axes (a new figure otherwise).
+
+    Returns:
+        The matplotlib ``Figure``.
+    """
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+    else:
+        fig = ax.figure
+    colors = {"random": "tab:gray", "moco": "tab:blue", "drasclr": "tab:red"}
+    for name, part in summary.groupby("init", sort=False):
+        part = part.sort_values("fraction")
+        x, m, s = part["fraction"].to_numpy(float), part["dice_mean"].to_numpy(float), part["dice_sd"].to_numpy(float)
+        line, = ax.plot(x, m, marker="o", label=str(name), color=colors.get(str(name)))
+        if np.isfinite(s).any():
+            s = np.nan_to_num(s)
+            ax.fill_between(x, m - s, m + s, color=line.get_color(), alpha=0.2, linewidth=0)
+    for i, (label, value) in enumerate((baselines or {}).items()):
+        ax.axhline(value, ls="--", lw=1, color=f"C{(i + 5) % 10}", label=label)
+    fractions = sorted(summary["fraction"].unique())
+    ax.set_xscale("log")
+    ax.set_xticks(fractions)
+    ax.set_xticklabels([f"{100 * f:g}%" for f in fractions])
+    ax.minorticks_off()
+    ax.set_xlabel("labelled training subjects")
+    ax.set_ylabel("held-out Dice (mean ± sd over seeds)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def lung_patches(store: PatchStore, subject: int | str, lung_mask_path: str | Path) -> np.ndarray:
+    """The subject's lung mask cut at its store patches: (L, P, P, P) bool, (k, j, i) order.
+
+    The mask file is read like a CT (reoriented to LPS), put on the subject's padded 1 mm grid
+    (``grid_1mm`` of its record, nearest neighbour) and cut at ``corners_subject``, exactly as
+    preprocessing cut the CT.
+
+    Raises:
+        ValueError: when the subject's record lacks ``grid_1mm`` or ``corners_subject``.
+    """
+    import SimpleITK as sitk
+
+    from drasclr_lib.preprocess.io import reorient
+    from drasclr_lib.preprocess.patches import cut_patches, resample_to_grid
+
+    rec = store.record(subject)
+    if "grid_1mm" not in rec or "corners_subject" not in rec:
+        raise ValueError(f"subject {rec.get('sid', subject)}: its record in {store.root} has no grid_1mm/corners_subject")
+    g = rec["grid_1mm"]
+    ref = sitk.Image([int(v) for v in g["size"]], sitk.sitkUInt8)
+    ref.SetOrigin(g["origin"])
+    ref.SetSpacing(g["spacing"])
+    ref.SetDirection(g["direction"])
+    mask = reorient(sitk.ReadImage(str(lung_mask_path)))
+    on_grid = sitk.GetArrayFromImage(resample_to_grid(mask, ref))
+    return cut_patches(on_grid, np.asarray(rec["corners_subject"]), store.patch_size, 0)[0] > 0
+
+
+def baseline_dice(store: PatchStore, subjects: Sequence, *, rule: str, num_classes: int = 2,
+                  lung_masks: Mapping[str, str | Path] | None = None, min_lung_fraction: float = 0.05,
+                  max_patches: int | None = None) -> pd.DataFrame:
+    """Dice of a rule that needs no training, scored like :func:`evaluate_segmenter`.
+
+    Args:
+        store: patch store with label patches.
+        subjects: indices or sids.
+        rule: ``"background"`` (predict no emphysema anywhere), ``"all_lung"`` (every lung voxel is
+            emphysema, class 1 for the 4-class task; needs ``lung_masks``) or ``"laa950"`` (lung
+            voxels below -950 HU are emphysema, class 1; inside the lung when ``lung_masks`` are
+            given, else every voxel below -950 HU).
+        num_classes: 2 or 4, as the trained models.
+        lung_masks: ``{sid: lung mask file}`` (the manifest's ``lung_mask``).
+        min_lung_fraction, max_patches: the same patch selection as the trained models' evaluation.
+
+    Returns:
+        DataFrame with ``sid``, ``dice`` and ``dice_<class>`` per foreground class.
+
+    Raises:
+        ValueError: for an unknown rule, or ``all_lung`` without lung masks.
+    """
+    if rule not in ("background", "all_lung", "laa950"):
+        raise ValueError(f"rule must be 'background', 'all_lung' or 'laa950', got {rule!r}")
+    rows = []
+    for s in _indices(store, subjects):
+        sid = store.sids[s]
+        locs = candidate_pairs(store, [s], min_lung_fraction)[:, 1]
+        if max_patches and len(locs) > max_patches:
+            locs = locs[np.unique(np.linspace(0, len(locs) - 1, int(max_patches)).round().astype(int))]
+        truth = patch_targets(store.label_patches(s)[locs], num_classes)
+        lung = None
+        if lung_masks is not None and sid in lung_masks:
+            lung = lung_patches(store, s, lung_masks[sid])[locs]
+        if rule == "background":
+            pred = np.zeros_like(truth)
+        elif rule == "all_lung":
+            if lung is None:
+                raise ValueError(f"rule 'all_lung' needs the lung mask of subject {sid}")
+            pred = lung.astype(np.int64)
+        else:
+            pred = (np.asarray(store.patches(s)[locs]) < -950).astype(np.int64)
+            if lung is not None:
+                pred &= lung
+        rows.append({"sid": sid, **dice_scores(pred, truth, num_classes)})
+    return pd.DataFrame(rows)

@@ -1,0 +1,178 @@
+"""Label-efficiency experiment: nested subsets, the results table, summary, plot, baselines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import SimpleITK as sitk
+import torch
+
+from drasclr_lib.data.patch_store import PatchStore, finalize_store, write_store_meta, write_subject
+from drasclr_lib.segmentation import experiment as ex
+from drasclr_lib.segmentation.train import SegConfig
+from tests.conftest import make_toy_store
+
+
+def test_subset_sizes():
+    assert ex.subset_sizes(12, (0.05, 0.1, 0.25, 1.0)) == [1, 1, 3, 12]
+    assert ex.subset_sizes(20, (0.05, 0.1, 0.25, 1.0)) == [1, 2, 5, 20]
+    assert ex.subset_sizes(10, (0.25,)) == [3]  # 2.5 rounds half up
+    with pytest.raises(ValueError, match="fractions"):
+        ex.subset_sizes(10, (0.0,))
+    with pytest.raises(ValueError, match="fractions"):
+        ex.subset_sizes(10, (1.5,))
+    with pytest.raises(ValueError, match="at least one"):
+        ex.subset_sizes(0, (0.5,))
+
+
+def test_nested_subsets_are_nested_and_seeded():
+    pool = list(range(100, 140))
+    fr = (0.05, 0.1, 0.25, 1.0)
+    a = ex.nested_subsets(pool, fr, seed=0)
+    assert [len(a[f]) for f in fr] == [2, 4, 10, 40]
+    for small, big in zip(fr, fr[1:]):
+        assert a[big][: len(a[small])] == a[small]
+    assert sorted(a[1.0]) == pool
+    assert ex.nested_subsets(pool, fr, seed=0) == a
+    assert ex.nested_subsets(pool, fr, seed=1)[0.25] != a[0.25]
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory):
+    return PatchStore(make_toy_store(tmp_path_factory.mktemp("seg_toy"), n_subjects=6, grid=(2, 1, 1)))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from drasclr_lib.models import DrasEncoder
+
+    torch.manual_seed(5)
+    path = tmp_path_factory.mktemp("ckpt") / "enc.pt"
+    torch.save({"state_dict": {f"encoder_q.{k}": v for k, v in DrasEncoder().state_dict().items()}}, path)
+    return path
+
+
+def test_label_efficiency_table(small_store, checkpoint, tmp_path, monkeypatch):
+    cfg = SegConfig(steps=1, batch_size=2, device="cpu")
+    kw = dict(train_subjects=[0, 1, 2, 3], test_subjects=["toy005"], fractions=(0.1, 0.25, 1.0),
+              inits={"random": None, "drasclr": checkpoint}, seeds=(0,), cfg=cfg, progress=False)
+    df = ex.label_efficiency(small_store, cache_dir=tmp_path, **kw)
+    assert len(df) == 2 * 3 * 1
+    assert set(df.columns) >= {"init", "fraction", "seed", "n_labelled", "dice", "dice_emphysema", "seconds"}
+    assert df.groupby("fraction")["n_labelled"].first().tolist() == [1, 1, 4]
+    assert df["dice"].between(0, 1).all() and (df["seconds"] > 0).all()
+    # 10 % and 25 % of 4 subjects are the same single subject: one run, the row repeated
+    for _, part in df.groupby("init"):
+        a, b = part[part.fraction == 0.1].iloc[0], part[part.fraction == 0.25].iloc[0]
+        assert a["dice"] == b["dice"] and a["seconds"] == b["seconds"]
+    # a second call finds every run in the cache and trains nothing
+    monkeypatch.setattr(ex, "train_segmenter", lambda *a, **k: pytest.fail("should have used the cache"))
+    again = ex.label_efficiency(small_store, cache_dir=tmp_path, **kw)
+    pd.testing.assert_frame_equal(df, again)
+
+
+def test_label_efficiency_validates(small_store):
+    cfg = SegConfig(steps=1, batch_size=2, device="cpu")
+    with pytest.raises(ValueError, match="overlap"):
+        ex.label_efficiency(small_store, train_subjects=[0, 1], test_subjects=[1], inits={"random": None}, cfg=cfg)
+    with pytest.raises(ValueError, match="non-empty"):
+        ex.label_efficiency(small_store, train_subjects=[], test_subjects=[1], inits={"random": None}, cfg=cfg)
+    with pytest.raises(ValueError, match="inits"):
+        ex.label_efficiency(small_store, train_subjects=[0], test_subjects=[1], inits={}, cfg=cfg)
+
+
+def _fake_results():
+    rows = []
+    for init, base in (("random", 0.3), ("drasclr", 0.5)):
+        for f in (0.1, 1.0):
+            for seed, noise in zip((0, 1, 2), (-0.02, 0.0, 0.05)):
+                rows.append({"init": init, "fraction": f, "seed": seed, "n_labelled": int(f * 10),
+                             "dice": base + f / 10 + noise, "seconds": 1.0 + seed})
+    return pd.DataFrame(rows)
+
+
+def test_summarize_mean_and_sd():
+    s = ex.summarize(_fake_results())
+    assert list(s["init"]) == ["random", "random", "drasclr", "drasclr"]
+    row = s[(s.init == "drasclr") & (s.fraction == 1.0)].iloc[0]
+    vals = np.array([0.6 - 0.02, 0.6, 0.6 + 0.05])
+    assert row["dice_mean"] == pytest.approx(vals.mean())
+    assert row["dice_sd"] == pytest.approx(vals.std(ddof=1))
+    assert row["n_seeds"] == 3 and row["n_labelled"] == 10 and row["seconds_mean"] == pytest.approx(2.0)
+    assert row["dice"] == f"{vals.mean():.3f} ± {vals.std(ddof=1):.3f}"
+    one = ex.summarize(_fake_results().query("seed == 0"))
+    assert one["dice_sd"].isna().all() and "±" not in one["dice"].iloc[0]
+    with pytest.raises(ValueError, match="empty"):
+        ex.summarize(_fake_results().iloc[:0])
+
+
+def test_plot_label_efficiency():
+    import matplotlib.pyplot as plt
+
+    fig = ex.plot_label_efficiency(ex.summarize(_fake_results()), baselines={"all lung": 0.2})
+    ax = fig.axes[0]
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert {"random", "drasclr", "all lung"} <= set(labels)
+    drasclr = next(line for line in ax.get_lines() if line.get_label() == "drasclr")
+    np.testing.assert_allclose(drasclr.get_xdata(), [0.1, 1.0])
+    assert len(ax.collections) == 2  # one sd band per init
+    plt.close(fig)
+
+
+@pytest.fixture()
+def geo_store(tmp_path):
+    """A 2-subject store with records like preprocessing writes (grid_1mm, corners_subject) and
+    lung-mask files, for the lung-aware baselines."""
+    P = 8
+    corners = np.array([[0, 0, 0], [4, 2, 1]])
+    root = tmp_path / "store"
+    write_store_meta(root, corners, np.zeros((2, 3)), np.array([[1], [0]]), patch_size=P)
+    rng = np.random.default_rng(0)
+    masks = {}
+    for n in range(2):
+        sid = f"s{n}"
+        lung = np.zeros((12, 12, 16), np.uint8)  # (k, j, i)
+        lung[2:10, 1:11, 2 + n:12] = 1
+        img = sitk.GetImageFromArray(lung)
+        img.SetOrigin((-5.0, 3.0, 7.0))
+        masks[sid] = tmp_path / f"{sid}_lung.nii.gz"
+        sitk.WriteImage(img, str(masks[sid]))
+        hu = np.where(lung > 0, -850, 40).astype(np.int16)
+        label = ((lung > 0) & (rng.random(lung.shape) < 0.4)).astype(np.uint8)
+        hu[label > 0] = -990
+        from drasclr_lib.preprocess.patches import cut_patches
+
+        rec = {"grid_1mm": {"origin": [-5.0, 3.0, 7.0], "spacing": [1.0] * 3, "direction": np.eye(3).ravel().tolist(),
+                            "size": [16, 12, 12]}, "corners_subject": (corners + n).tolist()}
+        write_subject(root, sid, cut_patches(hu, corners + n, P, -1024)[0],
+                      label_patches=cut_patches(label, corners + n, P, 0)[0], record=rec)
+    finalize_store(root)
+    return PatchStore(root), masks
+
+
+def test_lung_patches_cut_like_preprocessing(geo_store):
+    from drasclr_lib.preprocess.patches import cut_patches
+
+    store, masks = geo_store
+    for n, sid in enumerate(store.sids):
+        lung = sitk.GetArrayFromImage(sitk.ReadImage(str(masks[sid])))
+        expect = cut_patches(lung, np.asarray(store.record(sid)["corners_subject"]), 8, 0)[0] > 0
+        np.testing.assert_array_equal(ex.lung_patches(store, sid, masks[sid]), expect)
+
+
+def test_baselines(geo_store):
+    store, masks = geo_store
+    bg = ex.baseline_dice(store, store.sids, rule="background", min_lung_fraction=0)
+    assert (bg["dice"] == 0).all()  # every subject has emphysema
+    laa = ex.baseline_dice(store, store.sids, rule="laa950", lung_masks=masks, min_lung_fraction=0)
+    assert laa["dice"].tolist() == [1.0, 1.0]  # emphysema is exactly the lung voxels at -990 HU
+    lung = ex.baseline_dice(store, store.sids, rule="all_lung", lung_masks=masks, min_lung_fraction=0)
+    for s in range(2):
+        lab = store.label_patches(s) > 0
+        inside = ex.lung_patches(store, s, masks[store.sids[s]])
+        assert lung["dice"][s] == pytest.approx(2 * lab.sum() / (lab.sum() + inside.sum()))
+    with pytest.raises(ValueError, match="lung mask"):
+        ex.baseline_dice(store, [0], rule="all_lung")
+    with pytest.raises(ValueError, match="rule"):
+        ex.baseline_dice(store, [0], rule="otsu")

@@ -145,7 +145,7 @@ def finalize_store(root: str | os.PathLike, table: pd.DataFrame | None = None) -
     """
     root = Path(root)
     rows = []
-    for rec_path in sorted((root / "subjects").glob("*.json")):
+    for rec_path in sorted((root / "subjects").glob("[!.]*.json")):  # skip .part temporaries
         rec = load_json(rec_path)
         if not (root / "patches" / f"{rec['sid']}.npy").exists():
             continue
@@ -195,7 +195,7 @@ class PatchStore:
         if table_path.exists():
             table = pd.read_csv(table_path, dtype={"sid": str})
         else:  # a store still being written: completed subjects only
-            sids = sorted(p.stem for p in (self.root / "subjects").glob("*.json") if subject_done(self.root, p.stem))
+            sids = sorted(p.stem for p in (self.root / "subjects").glob("[!.]*.json") if subject_done(self.root, p.stem))
             table = pd.DataFrame({"sid": sids})
         self.table = table.set_index("sid", drop=False)
         self.sids: list[str] = [str(s) for s in self.table["sid"]]

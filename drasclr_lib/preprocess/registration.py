@@ -112,7 +112,9 @@ def register_masks(atlas_mask: sitk.Image, subject_mask: sitk.Image, *, sid: str
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=bins)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
     n_fixed = float(np.prod(fixed.GetSize()))
-    reg.SetMetricSamplingPercentagePerLevel([min(1.0, max_samples * float(f) ** 3 / n_fixed) for f in shrink], int(seed))
+    # SimpleITK reads a seed of 0 as "seed from the wall clock" (sitkWallClock): shift by one so
+    # every seed, 0 included, gives a repeatable registration
+    reg.SetMetricSamplingPercentagePerLevel([min(1.0, max_samples * float(f) ** 3 / n_fixed) for f in shrink], int(seed) + 1)
     reg.SetInterpolator(sitk.sitkLinear)
     # gradients at the sampled points only, instead of a gradient image of the whole volume per level
     reg.MetricUseFixedImageGradientFilterOff()

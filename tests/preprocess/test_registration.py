@@ -90,3 +90,10 @@ def test_identity_dice_and_empty_mask_error():
     with pytest.raises(PreprocessError) as info:
         register_masks(atlas, empty, sid="EMPTY-7")
     assert info.value.stage == "register" and "EMPTY-7" in str(info.value) and "empty" in str(info.value)
+
+
+def test_registration_is_repeatable(pair):
+    """Same masks, same seed: the same transform (SimpleITK's seed 0 would mean 'wall clock')."""
+    atlas, subject, _, tx, _ = pair
+    tx2, _ = register_masks(atlas, subject, sid="S1")
+    assert np.array_equal(np.array(tx.GetParameters()), np.array(tx2.GetParameters()))

@@ -93,7 +93,8 @@ def test_identity_dice_and_empty_mask_error():
 
 
 def test_registration_is_repeatable(pair):
-    """Same masks, same seed: the same transform (SimpleITK's seed 0 would mean 'wall clock')."""
+    """Same masks, same seed: the same transform up to multi-threaded float summation (with
+    SimpleITK's seed 0 = 'wall clock' the parameters differed by up to several percent)."""
     atlas, subject, _, tx, _ = pair
     tx2, _ = register_masks(atlas, subject, sid="S1")
-    assert np.array_equal(np.array(tx.GetParameters()), np.array(tx2.GetParameters()))
+    np.testing.assert_allclose(np.array(tx.GetParameters()), np.array(tx2.GetParameters()), rtol=0, atol=1e-4)

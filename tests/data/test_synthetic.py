@@ -181,3 +181,22 @@ def test_plot_subject_and_cli(cohort, tmp_path):
         plot_subject("syn0000")
     assert cli_main(["--out", str(tmp_path / "cli"), "--n", "1", "--seed", "5", "--size", "0.35", "--workers", "1"]) == 0
     assert (tmp_path / "cli" / "manifest.csv").exists()
+
+
+def test_survival_model_has_events_and_follows_disease():
+    """Enough deaths for a C-index on a small cohort, and more of them with more emphysema."""
+    from drasclr_lib.data.synthetic.clinical import clinical_table_row, emphysema_targets, sample_latents
+
+    rng = np.random.default_rng(123)
+    rows, burden = [], []
+    for _ in range(600):
+        lat = sample_latents(rng)
+        e_cl, e_pl, e_ps = emphysema_targets(lat)
+        rows.append(clinical_table_row(lat, {"emph_centrilobular": e_cl, "emph_panlobular": e_pl,
+                                             "emph_paraseptal": e_ps}, rng))
+        burden.append(e_cl + 1.3 * e_pl + 0.4 * e_ps)
+    event = np.array([r["event"] for r in rows])
+    burden = np.array(burden)
+    assert 0.2 < event.mean() < 0.7
+    high = burden > np.median(burden)
+    assert event[high].mean() > event[~high].mean() + 0.1

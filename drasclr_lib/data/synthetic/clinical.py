@@ -22,8 +22,8 @@ Clinical values, from the *measured* emphysema fractions of the rendered label m
 - ``emph_grade`` (0-5, visual): the total emphysema percentage read with 10 % multiplicative
   noise, binned at 0.5, 3, 8, 15, 25 %.
 - ``paraseptal_grade`` (0-3): the paraseptal percentage binned at 0.2, 1, 3 %.
-- Survival: Weibull proportional hazards, shape k = 1.5, scale 22 years, linear predictor
-  ``eta = 5.0 E + 1.2 a + 0.05 (age - 65)``; event time ``T = 22 (-ln U / exp(eta)) ** (1/k)``;
+- Survival: Weibull proportional hazards, shape k = 1.5, scale 10 years, linear predictor
+  ``eta = 5.0 E + 1.2 a + 0.05 (age - 65)``; event time ``T = 10 (-ln U / exp(eta)) ** (1/k)``;
   independent censoring ``C ~ Uniform(3, 12)`` years (administrative end of follow-up);
   ``time = min(T, C)``, ``event = T <= C``.
 
@@ -99,7 +99,7 @@ def clinical_table_row(latents: dict, measured: dict, rng: np.random.Generator) 
     ps_grade = int(np.searchsorted(PARASEPTAL_GRADE_BINS, 100 * e_ps, side="right"))
     eta = 5.0 * burden + 1.2 * a + 0.05 * (age - 65)
     u_t, u_c = rng.random(2)
-    t_event = 22.0 * (-np.log(max(u_t, 1e-12)) / np.exp(eta)) ** (1 / 1.5)
+    t_event = 10.0 * (-np.log(max(u_t, 1e-12)) / np.exp(eta)) ** (1 / 1.5)
     t_cens = 3.0 + 9.0 * u_c
     return {"FEV1pp": round(fev1pp, 2), "FEV1_FVC": round(ratio, 4), "GOLD": gold_stage(round(fev1pp, 2), round(ratio, 4)),
             "emph_grade": emph_grade, "paraseptal_grade": ps_grade, "age": round(age, 1), "sex": latents["sex"],

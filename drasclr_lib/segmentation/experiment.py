@@ -24,14 +24,99 @@ import pandas as pd
 
 from drasclr_lib.data.patch_store import PatchStore
 from drasclr_lib.segmentation.train import (SegConfig, candidate_pairs, class_names, dice_scores, evaluate_segmenter,
-                                            patch_targets, train_segmenter)
+                                            lung_patches, patch_targets, train_segmenter)
 
-__all__ = ["subset_sizes", "nested_subsets", "label_efficiency", "summarize", "plot_label_efficiency",
+__all__ = ["split_subjects", "ensure_moco_checkpoint", "subset_sizes", "nested_subsets", "label_efficiency", "summarize", "plot_label_efficiency",
            "lung_patches", "baseline_dice"]
 
 
 def _round_half_up(x: float) -> int:
     return int(np.floor(x + 0.5))
+
+
+def split_subjects(store: PatchStore, *, test_fraction: float = 0.25, seed: int = 0,
+                   min_test_emph: float = 0.02) -> tuple[list[int], list[int]]:
+    """Held-out test subjects and the labelled training pool.
+
+    ``max(1, round(test_fraction * N))`` test subjects are drawn (seeded) among the subjects whose
+    emphysema fraction (``emph_fraction`` of the store table) is at least ``min_test_emph``: on a
+    scan without emphysema the Dice is 0 or 1 whatever the voxels, which says nothing about the
+    segmentation. Every other subject (healthy ones included: they teach what is not emphysema)
+    forms the training pool. Without an ``emph_fraction`` column every subject is a candidate.
+
+    Returns:
+        ``(train_indices, test_indices)``, each sorted.
+
+    Raises:
+        ValueError: for a fraction outside (0, 1), or fewer than 2 subjects / no candidate.
+    """
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
+    n = store.num_subjects
+    if n < 2:
+        raise ValueError(f"need at least 2 subjects to split, the store {store.root} has {n}")
+    if "emph_fraction" in store.table.columns:
+        frac = pd.to_numeric(store.table["emph_fraction"], errors="coerce").to_numpy()
+        candidates = np.flatnonzero(np.nan_to_num(frac, nan=0.0) >= min_test_emph)
+    else:
+        candidates = np.arange(n)
+    if len(candidates) == 0:
+        raise ValueError(f"no subject of {store.root} has emph_fraction >= {min_test_emph} to be tested on")
+    n_test = min(max(1, _round_half_up(test_fraction * n)), len(candidates), n - 1)
+    test = np.sort(np.random.default_rng(seed).choice(candidates, size=n_test, replace=False))
+    train = np.setdiff1d(np.arange(n), test)
+    return [int(i) for i in train], [int(i) for i in test]
+
+
+def ensure_moco_checkpoint(*, drasclr_run: str | Path | None, store: str | Path, out_root: str | Path,
+                           reuse_roots: Sequence[str | Path] = (), max_steps: int = 50,
+                           any_budget: bool = True, progress: bool = False) -> tuple[Path, str]:
+    """A plain-MoCo checkpoint with the DrasCLR run's budget: reused when one exists, else trained.
+
+    The budget (epochs, steps, batch, queue, lr, seed ...) is the DrasCLR run's ``config.json``
+    (notebook 02) with the MoCo flags of :data:`drasclr_lib.downstream.ablations.ABLATION_FLAGS`
+    (plain convolutions, no neighbour loss), so the two initialisations are compared at equal
+    cost. Without that run, ``PretrainConfig(store=store, epochs=1, max_steps=max_steps, batch_size=8,
+    queue_size=64, workers=0)``.
+
+    Args:
+        drasclr_run: notebook 02's folder (with ``config.json``), or ``None``.
+        store: the patch store the MoCo model is pretrained on.
+        out_root: where a new run goes (``<out_root>/ckpt_moco_<hash>/``).
+        reuse_roots: folders searched first for a finished run with the same budget (e.g.
+            notebook 04's ``output_dir("04_downstream")``).
+        max_steps: steps of the fallback budget.
+        any_budget: when no run of the same budget exists in ``reuse_roots``, reuse any finished
+            MoCo run there (``ckpt_moco_*/done.json``; ``how`` then names it and says that its
+            budget differs) instead of training a new one.
+
+    Returns:
+        ``(checkpoint path, how)``: how it was obtained (``"cached"``, ``"trained"``, ``"reused ..."``).
+    """
+    from drasclr_lib.downstream.ablations import config_digest, ensure_checkpoint, method_config
+    from drasclr_lib.train import PretrainConfig
+    from drasclr_lib.utils import load_json
+
+    cfg_path = Path(drasclr_run) / "config.json" if drasclr_run else None
+    if cfg_path is not None and cfg_path.exists():
+        saved = load_json(cfg_path)
+        base = PretrainConfig.from_dict({k: v for k, v in saved.items() if k in PretrainConfig.__dataclass_fields__})
+        base = base.replace(store=str(store), progress=progress, tensorboard=False)
+    else:
+        base = PretrainConfig(store=str(store), epochs=1, max_steps=int(max_steps), batch_size=8, queue_size=64,
+                              workers=0, progress=progress, tensorboard=False)
+    for root in reuse_roots:
+        cfg = method_config("moco", base, root)
+        done = Path(cfg.out_dir) / "done.json"
+        if done.exists() and (Path(cfg.out_dir) / "checkpoint.pt").exists() and \
+                load_json(done).get("digest") == config_digest(cfg):
+            return Path(cfg.out_dir) / "checkpoint.pt", f"reused {cfg.out_dir} (same budget)"
+    if any_budget:
+        for root in reuse_roots:
+            for done in sorted(Path(root).glob("ckpt_moco_*/done.json")):
+                if (done.parent / "checkpoint.pt").exists():
+                    return done.parent / "checkpoint.pt", f"reused {done.parent} (its own budget, see its config.json)"
+    return ensure_checkpoint("moco", base, out_root)
 
 
 def subset_sizes(n_train: int, fractions: Sequence[float]) -> list[int]:
@@ -74,7 +159,8 @@ def _indices(store: PatchStore, subjects) -> list[int]:
 def label_efficiency(store: PatchStore, *, train_subjects: Sequence, test_subjects: Sequence,
                      fractions: Sequence[float] = (0.05, 0.1, 0.25, 1.0),
                      inits: Mapping[str, str | Path | None], seeds: Sequence[int] = (0, 1, 2),
-                     cfg: SegConfig, progress: bool = True, cache_dir: str | Path | None = None) -> pd.DataFrame:
+                     cfg: SegConfig, lung_masks: Mapping[str, str | Path] | None = None, progress: bool = True,
+                     cache_dir: str | Path | None = None) -> pd.DataFrame:
     """Fine-tune one segmenter per initialisation x fraction x seed and score it on the test subjects.
 
     Args:
@@ -89,6 +175,9 @@ def label_efficiency(store: PatchStore, *, train_subjects: Sequence, test_subjec
             checkpoint (``"drasclr"`` semantics) or are random when the path is ``None``.
         seeds: one run per seed: the subset, the sampling and the decoder initialisation.
         cfg: fine-tuning settings; ``cfg.seed`` is replaced by each seed.
+        lung_masks: optional ``{sid: lung mask file}`` of the test subjects: predictions are then
+            scored inside the lung only, as :func:`~drasclr_lib.segmentation.inference.segment_scan`
+            restricts its output to the lung.
         progress: show a tqdm bar over the runs.
         cache_dir: optional folder; each finished run is saved there as
             ``<init>_n<n>_s<seed>.json`` and reused by a later call with the same settings
@@ -131,6 +220,7 @@ def label_efficiency(store: PatchStore, *, train_subjects: Sequence, test_subjec
     rows = []
     cache = Path(cache_dir) if cache_dir is not None else None
     settings = {k: v for k, v in asdict(cfg).items() if k != "seed"}
+    settings["lung_restricted"] = lung_masks is not None
     for name, f, seed, subset in tqdm(runs, desc="label efficiency", disable=not progress):
         key = (name, len(subset), seed)
         if key not in done:
@@ -149,7 +239,8 @@ def label_efficiency(store: PatchStore, *, train_subjects: Sequence, test_subjec
                 hist = train_segmenter(model, store, subset, replace(cfg, seed=seed), progress=False)
                 seconds = time.perf_counter() - t0
                 scores = evaluate_segmenter(model, store, test_idx, num_classes=cfg.num_classes, device=cfg.device,
-                                            min_lung_fraction=cfg.min_lung_fraction, max_patches=cfg.eval_patches)
+                                            min_lung_fraction=cfg.min_lung_fraction, max_patches=cfg.eval_patches,
+                                            lung_masks=lung_masks)
                 hit = {"dice": float(scores["dice"].mean()),
                        "dice_sd_subjects": float(scores["dice"].std(ddof=0)),
                        **{f"dice_{c}": float(scores[f"dice_{c}"].mean()) for c in names[1:]},
@@ -226,34 +317,6 @@ def plot_label_efficiency(summary: pd.DataFrame, *, baselines: Mapping[str, floa
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
-
-
-def lung_patches(store: PatchStore, subject: int | str, lung_mask_path: str | Path) -> np.ndarray:
-    """The subject's lung mask cut at its store patches: (L, P, P, P) bool, (k, j, i) order.
-
-    The mask file is read like a CT (reoriented to LPS), put on the subject's padded 1 mm grid
-    (``grid_1mm`` of its record, nearest neighbour) and cut at ``corners_subject``, exactly as
-    preprocessing cut the CT.
-
-    Raises:
-        ValueError: when the subject's record lacks ``grid_1mm`` or ``corners_subject``.
-    """
-    import SimpleITK as sitk
-
-    from drasclr_lib.preprocess.io import reorient
-    from drasclr_lib.preprocess.patches import cut_patches, resample_to_grid
-
-    rec = store.record(subject)
-    if "grid_1mm" not in rec or "corners_subject" not in rec:
-        raise ValueError(f"subject {rec.get('sid', subject)}: its record in {store.root} has no grid_1mm/corners_subject")
-    g = rec["grid_1mm"]
-    ref = sitk.Image([int(v) for v in g["size"]], sitk.sitkUInt8)
-    ref.SetOrigin(g["origin"])
-    ref.SetSpacing(g["spacing"])
-    ref.SetDirection(g["direction"])
-    mask = reorient(sitk.ReadImage(str(lung_mask_path)))
-    on_grid = sitk.GetArrayFromImage(resample_to_grid(mask, ref))
-    return cut_patches(on_grid, np.asarray(rec["corners_subject"]), store.patch_size, 0)[0] > 0
 
 
 def baseline_dice(store: PatchStore, subjects: Sequence, *, rule: str, num_classes: int = 2,

@@ -29,7 +29,7 @@ from drasclr_lib.preprocess.atlas import Atlas
 from drasclr_lib.utils import atomic_path, resolve_device
 
 __all__ = ["ScanPatches", "prepare_scan", "PatchBlender", "resolve_scan_atlas", "input_geometry", "to_input_grid",
-           "segment_scan", "default_output_path"]
+           "segment_scan", "default_output_path", "plot_scan_overlay"]
 
 SEG_SUFFIX = "_emphysema_seg.nii.gz"
 
@@ -303,3 +303,78 @@ def segment_scan(model, image_path: str | os.PathLike, *, atlas, out_path: str |
     with atomic_path(out_path) as tmp:
         sitk.WriteImage(out, str(tmp), useCompression=True)
     return out_path
+
+
+def plot_scan_overlay(image_path: str | os.PathLike, seg_path: str | os.PathLike,
+                      truth_path: str | os.PathLike | None = None, *, num_classes: int | None = None, title: str = "",
+                      class_labels: tuple[str, ...] = ("emphysema",), hu_window=(-1000.0, 200.0)):
+    """Axial and coronal CT slices with the predicted labels, next to the ground truth when given.
+
+    All images are read and reoriented to LPS for display (radiological view: the patient's left
+    on the right of axial slices, superior up on coronal slices); they must share one geometry
+    (the output of :func:`segment_scan` does). The slices pass through the centre of the
+    predicted foreground (of the ground truth when there is no prediction, else the lung field).
+
+    Args:
+        image_path: the CT (file or DICOM folder).
+        seg_path: the label NIfTI from :func:`segment_scan`.
+        truth_path: optional reference label map on the CT's geometry.
+        num_classes: with 2, the reference labels are shown as emphysema vs not (labels > 0);
+            with 4 or ``None`` as they are.
+        title: figure title.
+        class_labels: names of labels 1, 2, ... for the legend.
+        hu_window: display window in HU.
+
+    Returns:
+        The matplotlib ``Figure`` (rows: axial, coronal; columns: CT, [truth,] prediction).
+
+    Raises:
+        ValueError: when the label images do not have the CT's grid.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    from drasclr_lib.preprocess.io import read_ct, reorient
+
+    ct = read_ct(image_path)
+    layers = {"prediction": reorient(sitk.ReadImage(str(seg_path)))}
+    if truth_path is not None:
+        layers = {"ground truth": reorient(sitk.ReadImage(str(truth_path))), **layers}
+    for name, img in layers.items():
+        if img.GetSize() != ct.GetSize() or not np.allclose(img.GetOrigin(), ct.GetOrigin(), atol=1e-3):
+            raise ValueError(f"{name} ({img.GetSize()}) is not on the CT's grid ({ct.GetSize()})")
+    hu = sitk.GetArrayFromImage(ct)
+    arrays = {k: sitk.GetArrayFromImage(v).astype(np.int64) for k, v in layers.items()}
+    if num_classes == 2 and "ground truth" in arrays:
+        arrays["ground truth"] = (arrays["ground truth"] > 0).astype(np.int64)
+    focus = next((a for a in (arrays["prediction"], arrays.get("ground truth")) if a is not None and a.any()), None)
+    if focus is None:
+        focus = hu < -500
+    kk, jj, _ = (int(np.median(v)) for v in np.nonzero(focus))
+    sx, sy, sz = ct.GetSpacing()
+    colors = ["#e41a1c", "#377eb8", "#4daf4a", "#ff7f00", "#984ea3"]
+    n_lab = max(1, max(int(a.max()) for a in arrays.values()), len(class_labels))
+    cmap = ListedColormap(colors[:n_lab])
+    cols = ["CT", *arrays]
+    fig, axes = plt.subplots(2, len(cols), figsize=(3.6 * len(cols), 7.2), squeeze=False)
+    views = (("axial", lambda a: a[kk], sy / sx, "upper"), ("coronal", lambda a: a[:, jj, :], sz / sx, "lower"))
+    for r, (view, cut, aspect, origin) in enumerate(views):
+        for c, name in enumerate(cols):
+            ax = axes[r, c]
+            ax.imshow(cut(hu), cmap="gray", vmin=hu_window[0], vmax=hu_window[1], aspect=aspect, origin=origin,
+                      interpolation="nearest")
+            if name != "CT":
+                lab = cut(arrays[name]).astype(float)
+                lab[lab == 0] = np.nan
+                ax.imshow(lab - 1, cmap=cmap, vmin=0, vmax=n_lab - 1, alpha=0.55, aspect=aspect, origin=origin,
+                          interpolation="nearest")
+            ax.set_title(f"{name} ({view})", fontsize=9)
+            ax.set_axis_off()
+    handles = [Patch(color=colors[i], label=class_labels[i] if i < len(class_labels) else f"label {i + 1}")
+               for i in range(min(n_lab, len(colors)))]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig

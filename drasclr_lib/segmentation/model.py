@@ -45,6 +45,9 @@ class DrasSegNet(nn.Module):
         encoder: the (pretrained or random) encoder; its ``forward_features`` gives the skips.
         num_classes: output channels (2 for emphysema vs not, 4 for none/CL/PL/PS).
         decoder_channels: channels of the five decoder levels, from 2³ up to 32³.
+        input_skip: also give the last (32³) level the input patch itself, next to the encoder's
+            first-stage features: voxel intensity is the first cue of emphysema (low attenuation),
+            and a direct path to it lets short fine-tuning runs learn it in a few steps.
 
     Shape:
         - x: (B, 1, 32, 32, 32) in [-1, 1] (see :func:`drasclr_lib.intensity.hu_to_input`)
@@ -53,7 +56,7 @@ class DrasSegNet(nn.Module):
     """
 
     def __init__(self, encoder: DrasEncoder, *, num_classes: int = 2,
-                 decoder_channels: tuple[int, ...] = (64, 32, 16, 16, 16)):
+                 decoder_channels: tuple[int, ...] = (64, 32, 16, 16, 16), input_skip: bool = True):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
@@ -62,7 +65,8 @@ class DrasSegNet(nn.Module):
         self.encoder = encoder
         self.num_classes = int(num_classes)
         rep = encoder.config["rep_dim"]
-        skips = (64, 32, 16, 8, 8)  # stage channels at 2³, 4³, 8³, 16³, 32³
+        self.input_skip = bool(input_skip)
+        skips = (64, 32, 16, 8, 8 + int(self.input_skip))  # stage channels at 2³, 4³, 8³, 16³, 32³ (+ input)
         ups, cin = [], rep
         for level, (cskip, cout) in enumerate(zip(skips, decoder_channels)):
             ups.append(_UpBlock(cin, cskip, cout, kernel_size=1 if level == len(skips) - 1 else 3))
@@ -73,6 +77,8 @@ class DrasSegNet(nn.Module):
     def forward(self, x: torch.Tensor, loc: torch.Tensor) -> torch.Tensor:
         f32, f16, f8, f4, f2, f1 = self.encoder.forward_features(x, loc)
         y = f1
+        if self.input_skip:
+            f32 = torch.cat([f32, x], dim=1)
         for up, skip in zip(self.decoder, (f2, f4, f8, f16, f32)):
             y = up(y, skip)
         return self.head(y)

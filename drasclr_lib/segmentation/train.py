@@ -2,7 +2,8 @@
 
 Each training step draws one atlas location and a batch of the given subjects' patches at that
 location (one shared conditional kernel per layer, the encoder's fast path); each patch is
-segmented with its own location condition. The loss is MONAI's Dice + cross-entropy.
+segmented with its own location condition. The loss is MONAI's Dice loss (foreground classes,
+over the batch) + class-weighted cross-entropy.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from drasclr_lib.data.patch_store import PatchStore
 from drasclr_lib.intensity import hu_to_input
 from drasclr_lib.utils import resolve_device, seed_everything
 
-__all__ = ["SegConfig", "patch_targets", "candidate_pairs", "train_segmenter", "predict_patches", "dice_scores",
+__all__ = ["SegConfig", "patch_targets", "candidate_pairs", "lung_patches", "train_segmenter", "predict_patches", "dice_scores",
            "evaluate_segmenter", "class_names", "config_dict"]
 
 
@@ -37,6 +38,11 @@ class SegConfig:
         min_lung_fraction: patches with less lung than this are not sampled for training
             (uses the store's ``patch_lung_fraction``; all patches when the store lacks it).
         flip: random flips as augmentation (labels flipped with the image).
+        fg_oversample: share of the batches drawn among the (subject, location) patches that
+            hold labelled emphysema, in proportion to their emphysema voxels (all of one
+            location, as every batch); the rest are drawn uniformly among all patches. Emphysema is a small share of the voxels, and without this
+            a short run learns to predict no emphysema at all (nnU-Net oversamples foreground
+            for the same reason). 0 disables it; ignored when no patch holds emphysema.
         amp: mixed precision on CUDA (ignored on CPU).
         device: ``"auto"``, ``"cpu"`` or ``"cuda"``.
         eval_patches: patches per held-out subject scored by :func:`evaluate_segmenter` in the
@@ -45,6 +51,8 @@ class SegConfig:
         dice_background: include the background class in the Dice part of the loss. Off by
             default: emphysema is a small share of the voxels and a background Dice term lets a
             short run settle on predicting no emphysema at all.
+        fg_weight: cross-entropy weight of the emphysema classes (background 1), for the same
+            reason.
         seed: seed of the sampling and of the decoder's initialisation.
         bn_reset: BatchNorm running statistics are reset when fine-tuning starts and averaged
             cumulatively over the first ``1 / 0.1 = 10`` steps, then tracked with momentum 0.1.
@@ -56,21 +64,27 @@ class SegConfig:
     num_classes: int = 2
     steps: int = 300
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 1e-2
     encoder_lr_scale: float = 1.0
     weight_decay: float = 1e-5
     min_lung_fraction: float = 0.05
     flip: bool = True
+    fg_oversample: float = 0.5
     amp: bool = True
     device: str = "auto"
     eval_patches: int = 0
     dice_background: bool = False
+    fg_weight: float = 3.0
     seed: int = 0
     bn_reset: bool = True
 
     def __post_init__(self):
         if self.num_classes not in (2, 4):
             raise ValueError(f"num_classes must be 2 (emphysema vs not) or 4 (by subtype), got {self.num_classes}")
+        if not self.fg_weight > 0:
+            raise ValueError(f"fg_weight must be > 0, got {self.fg_weight}")
+        if not 0 <= self.fg_oversample <= 1:
+            raise ValueError(f"fg_oversample must lie in [0, 1], got {self.fg_oversample}")
         if self.eval_patches < 0:
             raise ValueError(f"eval_patches must be >= 0 (0 = all), got {self.eval_patches}")
         if self.steps < 1 or self.batch_size < 1:
@@ -116,12 +130,13 @@ def train_segmenter(model, store: PatchStore, subjects, cfg: SegConfig, *, progr
         cfg: the run's settings.
 
     Returns:
-        History, one dict per step (``step``, ``loss``, ``seconds``).
+        History, one dict per step (``step``, ``loss``, ``batch_dice`` of the step's own batch in
+        train mode, ``seconds``).
 
     Raises:
         ValueError: when the store has no label patches or ``subjects`` is empty.
     """
-    from monai.losses import DiceCELoss
+    from monai.losses import DiceLoss
 
     subjects = [int(s) for s in subjects]
     if not subjects:
@@ -144,7 +159,19 @@ def train_segmenter(model, store: PatchStore, subjects, cfg: SegConfig, *, progr
         for p in enc_params:
             p.requires_grad_(False)
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, foreach=True)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=cfg.dice_background)
+    # Dice over the whole batch's voxels (batch=True), without numerator smoothing: with
+    # MONAI's default smooth_nr=1e-5 a batch without emphysema scores Dice 1 only when nothing at
+    # all is predicted, a strong push towards never predicting emphysema (a short run collapses
+    # to all-background); with smooth_nr=0 such a batch gives a constant Dice loss (no gradient)
+    # and only cross-entropy (heavier emphysema classes) speaks for it.
+    dice_fn = DiceLoss(to_onehot_y=True, softmax=True, include_background=cfg.dice_background, batch=True,
+                       smooth_nr=0.0, smooth_dr=1e-5)
+    ce_weight = torch.tensor([1.0] + [float(cfg.fg_weight)] * (cfg.num_classes - 1), device=device)
+
+    def loss_fn(logits, target):  # logits (B, C, P, P, P), target (B, 1, P, P, P) int64
+        ce = torch.nn.functional.cross_entropy(logits.float(), target[:, 0], weight=ce_weight)
+        return dice_fn(logits.float(), target) + ce
+
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -153,6 +180,10 @@ def train_segmenter(model, store: PatchStore, subjects, cfg: SegConfig, *, progr
             m.reset_running_stats()
             m.momentum = None  # cumulative average until step 10
     pairs = candidate_pairs(store, subjects, cfg.min_lung_fraction)
+    fg_frac = {s: (np.asarray(store.label_patches(s)).reshape(store.num_locations, -1) > 0).mean(1) for s in subjects}
+    pair_fg = np.array([fg_frac[int(s)][int(l)] for s, l in pairs], dtype=np.float64)
+    pos_pairs, pos_p = pairs[pair_fg > 0], pair_fg[pair_fg > 0]
+    pos_p = pos_p / pos_p.sum() if len(pos_p) else pos_p
     locs_all = torch.from_numpy(store.locs)
     history, t0 = [], time.perf_counter()
     bar = tqdm(range(cfg.steps), desc="fine-tune", disable=not progress, leave=False)
@@ -161,9 +192,17 @@ def train_segmenter(model, store: PatchStore, subjects, cfg: SegConfig, *, progr
             for m in bns:
                 m.momentum = 0.1
         # one location per batch: every sample shares one mixed kernel (the encoder's fast path)
-        loc_idx = int(pairs[rng.integers(len(pairs)), 1])
-        at_loc = pairs[pairs[:, 1] == loc_idx]
-        batch = at_loc[rng.integers(0, len(at_loc), size=cfg.batch_size)]
+        if len(pos_pairs) and rng.random() < cfg.fg_oversample:
+            # an emphysema patch drawn in proportion to its emphysema voxels, then its location's
+            # emphysema patches in the same proportion
+            loc_idx = int(pos_pairs[rng.choice(len(pos_pairs), p=pos_p), 1])
+            at = pos_pairs[:, 1] == loc_idx
+            w = pos_p[at] / pos_p[at].sum()
+            batch = pos_pairs[at][rng.choice(int(at.sum()), size=cfg.batch_size, p=w)]
+        else:
+            loc_idx = int(pairs[rng.integers(len(pairs)), 1])
+            at_loc = pairs[pairs[:, 1] == loc_idx]
+            batch = at_loc[rng.integers(0, len(at_loc), size=cfg.batch_size)]
         x = np.stack([store.get(s, l) for s, l in batch])
         y = np.stack([patch_targets(store.label_patches(s)[l], cfg.num_classes) for s, l in batch])
         if cfg.flip:
@@ -175,12 +214,16 @@ def train_segmenter(model, store: PatchStore, subjects, cfg: SegConfig, *, progr
         yt = torch.from_numpy(np.ascontiguousarray(y)).unsqueeze(1).to(device)
         loc = locs_all[batch[:, 1]].to(device)
         with torch.autocast(device_type=device.type, enabled=use_amp):
-            loss = loss_fn(model(xt, loc), yt)
+            logits = model(xt, loc)
+            loss = loss_fn(logits, yt)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(opt)
         scaler.update()
-        history.append({"step": step + 1, "loss": float(loss.detach()), "seconds": time.perf_counter() - t0})
+        with torch.no_grad():  # Dice of this batch's prediction (train mode), a cheap learning monitor
+            batch_dice = dice_scores(logits.argmax(1).cpu().numpy(), y, cfg.num_classes)["dice"]
+        history.append({"step": step + 1, "loss": float(loss.detach()), "batch_dice": batch_dice,
+                        "seconds": time.perf_counter() - t0})
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}")
     return history
 
@@ -234,7 +277,7 @@ def dice_scores(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> dict:
 
 def evaluate_segmenter(model, store: PatchStore, subjects, *, num_classes: int = 2, batch_size: int = 32,
                        device: str = "auto", min_lung_fraction: float = 0.05,
-                       max_patches: int | None = None) -> pd.DataFrame:
+                       max_patches: int | None = None, lung_masks=None) -> pd.DataFrame:
     """Held-out Dice per subject, pooled over the subject's lung patches.
 
     Voxel counts (true positives, false positives, false negatives) are summed over the subject's
@@ -246,6 +289,8 @@ def evaluate_segmenter(model, store: PatchStore, subjects, *, num_classes: int =
     Args:
         max_patches: score only this many of each subject's lung locations, evenly spaced over
             them (deterministic, the same for every model); ``None`` or 0 = all.
+        lung_masks: optional ``{sid: lung mask file}``; a subject listed there is scored with
+            its predictions outside the lung set to background (what whole-scan inference does).
 
     Returns:
         DataFrame with ``sid``, ``dice`` and ``dice_<class>`` per foreground class.
@@ -260,9 +305,39 @@ def evaluate_segmenter(model, store: PatchStore, subjects, *, num_classes: int =
         probs = predict_patches(model, store.patches(s)[locs_idx], store.locs[locs_idx], batch_size=batch_size,
                                 device=device)
         pred = probs.argmax(1)
+        if lung_masks is not None and store.sids[s] in lung_masks:
+            pred[~lung_patches(store, s, lung_masks[store.sids[s]])[locs_idx]] = 0
         truth = patch_targets(store.label_patches(s)[locs_idx], num_classes)
         rows.append({"sid": store.sids[s], **dice_scores(pred, truth, num_classes)})
     return pd.DataFrame(rows)
+
+
+def lung_patches(store: PatchStore, subject: int | str, lung_mask_path: str | Path) -> np.ndarray:
+    """The subject's lung mask cut at its store patches: (L, P, P, P) bool, (k, j, i) order.
+
+    The mask file is read like a CT (reoriented to LPS), put on the subject's padded 1 mm grid
+    (``grid_1mm`` of its record, nearest neighbour) and cut at ``corners_subject``, exactly as
+    preprocessing cut the CT.
+
+    Raises:
+        ValueError: when the subject's record lacks ``grid_1mm`` or ``corners_subject``.
+    """
+    import SimpleITK as sitk
+
+    from drasclr_lib.preprocess.io import reorient
+    from drasclr_lib.preprocess.patches import cut_patches, resample_to_grid
+
+    rec = store.record(subject)
+    if "grid_1mm" not in rec or "corners_subject" not in rec:
+        raise ValueError(f"subject {rec.get('sid', subject)}: its record in {store.root} has no grid_1mm/corners_subject")
+    g = rec["grid_1mm"]
+    ref = sitk.Image([int(v) for v in g["size"]], sitk.sitkUInt8)
+    ref.SetOrigin(g["origin"])
+    ref.SetSpacing(g["spacing"])
+    ref.SetDirection(g["direction"])
+    mask = reorient(sitk.ReadImage(str(lung_mask_path)))
+    on_grid = sitk.GetArrayFromImage(resample_to_grid(mask, ref))
+    return cut_patches(on_grid, np.asarray(rec["corners_subject"]), store.patch_size, 0)[0] > 0
 
 
 def config_dict(cfg: SegConfig) -> dict:

@@ -13,6 +13,6 @@ CI_PARAMS: dict[str, dict] = {
     # the same pretraining budget as 02, so DrasCLR reuses 02's checkpoint and only the ablations train
     "04_downstream": {"FOLDS": 4, "PCA_COMPONENTS": 4, "EPOCHS": 1, "MAX_STEPS": 40, "BATCH_SIZE": 8, "LR": 1.6,
                       "QUEUE_SIZE": 16, "WORKERS": 2, "CALIBRATION_BATCHES": 8},
-    "05_segmentation": {"FRACTIONS": "0.25,1.0", "SEEDS": 1, "STEPS": 20, "BATCH_SIZE": 4, "EVAL_PATCHES": 24,
+    "05_segmentation": {"FRACTIONS": "0.25,1.0", "SEEDS": 1, "STEPS": 30, "BATCH_SIZE": 4, "EVAL_PATCHES": 24,
                         "REAL_SCAN": True, "DEVICE": "cpu"},
 }

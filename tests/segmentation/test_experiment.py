@@ -40,7 +40,7 @@ def test_nested_subsets_are_nested_and_seeded():
 
 @pytest.fixture(scope="module")
 def small_store(tmp_path_factory):
-    return PatchStore(make_toy_store(tmp_path_factory.mktemp("seg_toy"), n_subjects=6, grid=(2, 1, 1)))
+    return PatchStore(make_toy_store(tmp_path_factory.mktemp("seg_toy"), n_subjects=6, grid=(3, 1, 1)))
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,14 @@ def test_output_shape(num_classes, x_loc):
     assert torch.isfinite(out).all()
 
 
+def test_without_input_skip(x_loc):
+    from drasclr_lib.models import DrasEncoder
+
+    model = DrasSegNet(DrasEncoder(), num_classes=2, input_skip=False).eval()
+    with torch.no_grad():
+        assert model(*x_loc).shape == (2, 2, 32, 32, 32)
+
+
 def test_output_depends_on_location(x_loc):
     model = build_segmenter("random", seed=0).eval()
     x, loc = x_loc

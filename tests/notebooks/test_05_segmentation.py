@@ -1,0 +1,51 @@
+"""Notebook 05: the label-efficiency table is complete and the fine-tuned model beats rules a
+broken pipeline cannot beat; the whole-scan predictions are aligned with their inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import SimpleITK as sitk
+
+from tests.notebooks.ci_params import CI_PARAMS
+from tests.notebooks.conftest import read_metrics
+
+
+def test_05_segmentation(run_notebook, notebook_out):
+    nb_out = run_notebook("05_segmentation")
+    m = read_metrics(nb_out)
+    params = CI_PARAMS["05_segmentation"]
+    fractions = [float(f) for f in params["FRACTIONS"].split(",")]
+
+    runs = pd.read_csv(nb_out / "dice_runs.csv")
+    assert len(runs) == 3 * len(fractions) * params["SEEDS"]
+    assert set(runs["init"]) == {"random", "moco", "drasclr"}
+    assert runs["dice"].between(0, 1).all()
+    table = pd.read_csv(nb_out / "dice_table.csv")
+    assert len(table) == 3 * len(fractions)
+    assert set(m["dice_100"]) == {"random", "moco", "drasclr"}
+
+    # a broken pipeline (labels misaligned with patches, no learning, wrong classes) predicts
+    # nothing, everything or noise: it cannot clear these floors
+    base = m["baselines"]
+    assert base["no emphysema (background)"] == 0.0
+    assert m["best_dice_100"] > base["every lung voxel"] + 0.15
+    assert m["best_dice_100"] > 0.35
+    assert m["scan_dice_synthetic"]["dice"] > base["every lung voxel"]
+
+    # the predicted NIfTI has the input scan's geometry
+    sid = m["scan_sid"]
+    manifest = pd.read_csv(notebook_out / "synthetic_cohort" / "manifest.csv")
+    image = notebook_out / "synthetic_cohort" / manifest.set_index("sid").loc[sid, "image"]
+    seg = sitk.ReadImage(str(nb_out / f"{sid}_emphysema_seg.nii.gz"))
+    src = sitk.ReadImage(str(image))
+    assert seg.GetSize() == src.GetSize()
+    np.testing.assert_allclose(seg.GetSpacing(), src.GetSpacing(), atol=1e-6)
+    np.testing.assert_allclose(seg.GetOrigin(), src.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(seg.GetDirection(), src.GetDirection(), atol=1e-6)
+
+    for fig in ("label_efficiency.png", "segmentation_synthetic.png"):
+        assert (nb_out / fig).stat().st_size > 10000, fig
+    if params["REAL_SCAN"]:
+        assert m["real_scan"]["run"] and (nb_out / "segmentation_real_scan.png").stat().st_size > 10000
+        assert (nb_out / "lung_pet_ct_dx_emphysema_seg.nii.gz").exists()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["knn_accuracy", "ridge_cv_score", "embedding_metrics", "subsample_patches"]
+__all__ = ["knn_accuracy", "ridge_cv_score", "embedding_metrics", "subsample_patches", "patch_intensity_features"]
 
 
 def _check_xyg(X, y, groups):
@@ -162,3 +162,20 @@ def embedding_metrics(emb, table: dict, *, max_patches: int | None = 20000, k: i
         res = ridge_cv_score(X, emph, si, n_splits=n_splits)
         out["emph_r2"], out["emph_spearman"] = res["r2"], res["spearman"]
     return out
+
+
+def patch_intensity_features(store) -> np.ndarray:
+    """Hand-made intensity features of every patch, a reference for the embedding probes.
+
+    Args:
+        store: a :class:`~drasclr_lib.data.patch_store.PatchStore`.
+
+    Returns:
+        (N, L, 4) float32: mean HU, HU standard deviation, fraction of voxels below -950 HU
+        (%LAA-950 / 100) and below -900 HU, of every patch (subject, location).
+    """
+    feats = []
+    for i in range(store.num_subjects):
+        hu = np.asarray(store.patches(i), dtype=np.float32).reshape(store.num_locations, -1)
+        feats.append(np.stack([hu.mean(1), hu.std(1), (hu < -950).mean(1), (hu < -900).mean(1)], -1))
+    return np.stack(feats).astype(np.float32)

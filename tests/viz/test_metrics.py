@@ -76,3 +76,17 @@ def test_embedding_metrics_ranks_informative_over_uninformative_features():
     assert m_good["emph_r2"] > 0.8 > 0.1 > m_bad["emph_r2"]
     assert m_bad["location_knn_acc"] == 1.0 and m_bad["lobe_knn_acc"] == 1.0
     assert m_good["n_patches"] == N * L and 0 < m_good["location_chance"] < 0.3
+
+
+def test_patch_intensity_features_match_the_patches(toy_store):
+    from drasclr_lib.data.patch_store import PatchStore
+    from drasclr_lib.viz.metrics import patch_intensity_features
+
+    store = PatchStore(toy_store)
+    f = patch_intensity_features(store)
+    assert f.shape == (store.num_subjects, store.num_locations, 4)
+    patch = store.get(3, 5).astype(np.float64)
+    np.testing.assert_allclose(f[3, 5], [patch.mean(), patch.std(), (patch < -950).mean(), (patch < -900).mean()],
+                               rtol=1e-4)
+    # the toy store's emphysema (voxels near -990 HU) grows with the subject index
+    assert f[-1, :, 2].mean() > f[0, :, 2].mean() + 0.2

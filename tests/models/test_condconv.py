@@ -8,14 +8,6 @@ import torch
 from drasclr_lib.models.condconv import CondConv3d, is_same_location, location_groups
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread avoids OpenMP spin-waiting on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _loop_reference(conv: CondConv3d, x, loc):
     """Independent per-sample definition: r = sigmoid(A loc + b), W = sum_e r_e W_e, conv3d."""

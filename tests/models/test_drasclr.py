@@ -13,14 +13,6 @@ from drasclr_lib.models import DrasCLR, DrasEncoder
 from drasclr_lib.models.drasclr import strip_module_prefix
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP spin-waiting on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 P = 16  # 16³ patches also end in a 1³ map; 8x cheaper than 32³ for tests
 

@@ -11,14 +11,6 @@ from torch import nn
 from drasclr_lib.models import DrasEncoder, load_encoder
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensors: one thread avoids OpenMP spin-waiting on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 # ------------------------------------------------------------------------------------------------
 # An independent re-implementation of the published encoder (batmanlab/DrasCLR models/cnn3d.py and

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def main(argv=None) -> int:
         "pretrained_beats_random_on_emph_r2": bool(results["pretrained"]["emph_r2"] > results["random"]["emph_r2"]),
         "seconds": {"store": t_store, "pretrain": t_train, "total": time.perf_counter() - t0},
         "machine": {"platform": platform.platform(), "load_avg_end": list(__import__("os").getloadavg())},
-        "command": "python benchmarks/bench_disease_signal.py " + " ".join(argv or []),
+        "command": " ".join(["python", "benchmarks/bench_disease_signal.py", *(sys.argv[1:] if argv is None else argv)]),
     }
     save_json(record, args.json)
     rows = [("encoder", "location k-NN acc", "lobe k-NN acc", "emph R²", "emph Spearman")]

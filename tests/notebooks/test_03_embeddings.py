@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 from drasclr_lib.data.patch_store import PatchStore
@@ -31,7 +34,19 @@ def test_03_embeddings(run_notebook):
     # the disease probe works: four density numbers per patch predict the held-out subjects'
     # emphysema fraction (a misaligned target or a broken probe gives R2 <= 0)
     assert m["intensity"]["emph_r2"] > 0.2 and m["intensity"]["emph_spearman"] > 0.5, m["intensity"]
-    # Whether pretraining adds disease signal is NOT asserted at CI scale: with 40 steps on 16
-    # subjects neither encoder predicts it (R2 ~ 0 for both, see the notebook and
-    # benchmarks/bench_disease_signal.py for the longer run). The gain is recorded, not claimed.
+    # At CI scale (40 steps, 16 subjects) neither encoder predicts the emphysema fraction (R2 ~ 0
+    # for both), so the gain is recorded here, not claimed ...
     assert np.isclose(m["emph_r2_gain"], m["pretrained"]["emph_r2"] - m["random"]["emph_r2"])
+
+
+def test_disease_signal_of_the_longer_recorded_run():
+    """... the ordering is asserted on the longer run recorded by benchmarks/bench_disease_signal.py
+    (36 subjects, 300 steps), as the notebook explains."""
+    rec = json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "disease_signal.json").read_text())
+    assert rec["setting"]["steps"] >= 300 and rec["setting"]["subjects"] >= 32
+    res = rec["results"]
+    assert res["pretrained"]["emph_r2"] > res["random"]["emph_r2"] + 0.05, res
+    assert res["pretrained"]["emph_spearman"] > res["random"]["emph_spearman"] + 0.1, res
+    # both encoders still decode location far above chance
+    for enc in ("pretrained", "random"):
+        assert res[enc]["location_knn_acc"] > 5 * res[enc]["location_chance"], res[enc]

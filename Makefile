@@ -11,6 +11,8 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 USE_SYSTEM_TORCH ?= 0
 DRASCLR_OUT ?= outputs
+# small: CPU-sized settings (what CI checks); notebook: each notebook's own (paper) defaults, for GPUs
+DEMO_PROFILE ?= small
 export DRASCLR_OUT
 
 .PHONY: demo test install clean-outputs
@@ -25,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) -m drasclr_lib.runner --out "$(DRASCLR_OUT)"
+	$(PY) -m drasclr_lib.runner --out "$(DRASCLR_OUT)" --profile $(DEMO_PROFILE)
 
 test: install
 	$(PY) -m pytest -q

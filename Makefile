@@ -20,7 +20,7 @@ export DRASCLR_OUT
 $(VENV)/.installed: pyproject.toml
 	@if [ "$(USE_SYSTEM_TORCH)" = "1" ]; then $(PYTHON) -m venv --system-site-packages $(VENV); else $(PYTHON) -m venv $(VENV); fi
 	@if $(PY) -c "import torch" 2>/dev/null; then echo "torch already present: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
-	 else $(PY) -m pip install "$(TORCH_SPEC)"; fi
+	 else $(PY) -m pip install $(TORCH_SPEC); fi
 	$(PY) -m pip install -e ".[test]"
 	@touch $@
 

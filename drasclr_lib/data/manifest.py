@@ -285,7 +285,8 @@ def _check_categorical(df: pd.DataFrame, col: str, allowed: dict[str, str], prob
     return pd.Series(out, index=df.index, dtype=object)
 
 
-def _check_paths(df: pd.DataFrame, col: str, base: Path, problems: _Problems, required: bool) -> pd.Series:
+def _check_paths(df: pd.DataFrame, col: str, base: Path, problems: _Problems, required: bool,
+                 check_files: bool = True) -> pd.Series:
     out: list[Any] = []
     for i, value in enumerate(df[col].tolist()):
         if _is_missing(value):
@@ -298,13 +299,13 @@ def _check_paths(df: pd.DataFrame, col: str, base: Path, problems: _Problems, re
         if not path.is_absolute():
             path = base / path
         path = Path(os.path.abspath(path))
-        if not path.exists():
+        if check_files and not path.exists():
             problems.add(i, col, f"file not found: {path}")
         out.append(str(path))
     return pd.Series(out, index=df.index, dtype=object)
 
 
-def _validate(df: pd.DataFrame, *, base: Path, source: str, table: Path) -> pd.DataFrame:
+def _validate(df: pd.DataFrame, *, base: Path, source: str, table: Path, check_files: bool = True) -> pd.DataFrame:
     problems = _Problems(source, table)
     df = df.copy()
     df.columns = [str(c).strip() for c in df.columns]
@@ -336,7 +337,8 @@ def _validate(df: pd.DataFrame, *, base: Path, source: str, table: Path) -> pd.D
 
     for col in PATH_COLUMNS:
         if col in df.columns:
-            out[col] = _check_paths(df, col, base, problems, required=col in REQUIRED_COLUMNS)
+            out[col] = _check_paths(df, col, base, problems, required=col in REQUIRED_COLUMNS,
+                                    check_files=check_files)
         else:
             out[col] = pd.Series(np.nan, index=df.index, dtype=object)
 
@@ -356,7 +358,7 @@ def _validate(df: pd.DataFrame, *, base: Path, source: str, table: Path) -> pd.D
     return out.reset_index(drop=True)
 
 
-def _from_source(path: Path) -> pd.DataFrame:
+def _from_source(path: Path, check_files: bool = True) -> pd.DataFrame:
     spec = load_source(path)
     how = str(spec.get("how_to_obtain") or spec.get("obtain") or "")
     context = f"{path} (data source {spec['name']!r})"
@@ -411,15 +413,18 @@ def _from_source(path: Path) -> pd.DataFrame:
                 raise ManifestError(f"{context}: row {i + 1} (line {i + 2}), column {col!r}: cannot fill "
                                     f"template {template!r}: {err!r}") from err
         df[col] = values
-    return _validate(df, base=base, source=str(path), table=table)
+    return _validate(df, base=base, source=str(path), table=table, check_files=check_files)
 
 
-def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
+def read_manifest(path: str | os.PathLike, *, check_files: bool = True) -> pd.DataFrame:
     """Read and validate a manifest CSV (or a YAML data-source file) into the standard form.
 
     Args:
         path: a ``.csv``/``.tsv`` table with at least ``sid`` and ``image`` columns, or a
             ``.yaml``/``.yml`` data-source file (see ``data_manifest/README.md``).
+        check_files: reject rows whose files do not exist (default). ``False`` keeps them, with
+            their absolute paths, for a runner that reports each missing file against its subject
+            (``preprocess_cohort`` lists them in ``failures.csv``) instead of rejecting the cohort.
 
     Returns:
         One row per subject with every column of :data:`STANDARD_COLUMNS` (absent ones NaN;
@@ -427,7 +432,8 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
         ``"train"``/``"val"``/``"test"``), followed by any extra columns of the table.
 
     Raises:
-        ManifestError: a required column is missing, a referenced file does not exist, a sid is
+        ManifestError: a required column is missing, a referenced file does not exist (with
+            ``check_files``), a sid is
             empty or duplicated, a label cannot be parsed or is out of range, or (YAML) the
             table or an environment variable is not available; the message names the row
             (1-based data row, file line, sid) and the column of each problem.
@@ -436,9 +442,9 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     if not path.exists():
         raise ManifestError(f"manifest not found: {path}")
     if path.suffix.lower() in _YAML_SUFFIXES:
-        return _from_source(path.resolve())
+        return _from_source(path.resolve(), check_files=check_files)
     df = _read_table(path)
-    return _validate(df, base=path.resolve().parent, source=str(path), table=path)
+    return _validate(df, base=path.resolve().parent, source=str(path), table=path, check_files=check_files)
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -273,12 +272,12 @@ def preprocess_subject(row, atlas: Atlas, out_dir: str | os.PathLike, *, sid: st
 def load_manifest(manifest) -> pd.DataFrame:
     """A manifest DataFrame from a DataFrame, a path or a name (``"synthetic"`` ...).
 
-    Subjects whose files are missing are kept (they fail at the ``read`` stage and are listed in
-    ``failures.csv``) instead of rejecting the whole manifest: for a CSV whose only problems are
-    missing files, the other rows are validated with :func:`read_manifest` and the rows with
-    missing files are added back with their ``sid`` and paths.
+    Subjects whose files are missing are kept (``read_manifest(..., check_files=False)``): they
+    fail at the ``read`` stage and are listed in ``failures.csv`` instead of rejecting the whole
+    manifest. Every other problem (a missing column, a duplicated sid, a bad label) still raises
+    :class:`~drasclr_lib.data.manifest.ManifestError`.
     """
-    from drasclr_lib.data.manifest import ManifestError, read_manifest, resolve_manifest
+    from drasclr_lib.data.manifest import read_manifest, resolve_manifest
 
     if isinstance(manifest, pd.DataFrame):
         df = manifest.copy()
@@ -287,33 +286,7 @@ def load_manifest(manifest) -> pd.DataFrame:
     path = Path(manifest)
     if not path.exists():
         path = resolve_manifest(str(manifest))
-    try:
-        return read_manifest(path)
-    except ManifestError as err:
-        problems = str(err).splitlines()[1:]
-        only_missing = problems and all("file not found" in p for p in problems if not p.strip().startswith("..."))
-        if not only_missing or path.suffix.lower() not in (".csv", ".tsv"):
-            raise
-    raw = pd.read_csv(path, sep="\t" if path.suffix.lower() == ".tsv" else ",", dtype={"sid": str})
-    base = path.resolve().parent
-    path_cols = [c for c in ("image", "lung_mask", "label_map", "lobe_map") if c in raw.columns]
-
-    def absolute(v):
-        if v is None or (isinstance(v, float) and np.isnan(v)) or str(v).strip() == "":
-            return np.nan
-        p = Path(os.path.expanduser(str(v).strip()))
-        return str(p if p.is_absolute() else (base / p).resolve())
-
-    for c in path_cols:
-        raw[c] = raw[c].map(absolute)
-    missing = raw[path_cols].apply(lambda col: col.map(lambda v: isinstance(v, str) and not Path(v).exists())).any(axis=1)
-    good = raw.loc[~missing]
-    with tempfile.TemporaryDirectory() as tmp:  # paths are absolute now: validate a copy anywhere
-        copy = Path(tmp) / "present.csv"
-        good.to_csv(copy, index=False)
-        df = read_manifest(copy) if len(good) else pd.DataFrame(columns=["sid", *path_cols])
-    out = pd.concat([df, raw.loc[missing, ["sid", *path_cols]]], ignore_index=True)
-    return out
+    return read_manifest(path, check_files=False)
 
 
 def resolve_atlas(atlas, manifest_df: pd.DataFrame, out_dir: str | os.PathLike, *, segment: bool = False,

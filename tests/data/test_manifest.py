@@ -49,9 +49,9 @@ def _manifest(cohort, rows=None, header=None) -> Path:
     return _write(root / "manifest.csv", (header or h) + "".join(rows if rows is not None else r))
 
 
-def _error(path) -> str:
+def _error(path, **kwargs) -> str:
     with pytest.raises(ManifestError) as info:
-        read_manifest(path)
+        read_manifest(path, **kwargs)
     return str(info.value)
 
 
@@ -92,6 +92,19 @@ def test_missing_file_names_row_sid_and_column(cohort):
     assert re.search(r"row 2 \(line 3, sid 's2'\), column 'image': file not found: .*nope\.nii\.gz", msg), msg
     assert re.search(r"row 3 \(line 4, sid 's3'\), column 'lung_mask': file not found", msg), msg
     assert "2 problem(s)" in msg
+
+
+def test_check_files_false_keeps_missing_files_but_not_other_problems(cohort):
+    root = cohort[0]
+    rows = list(cohort[2])
+    rows[1] = rows[1].replace("images/s2.nii.gz,", "images/nope.nii.gz,")
+    df = read_manifest(_manifest(cohort, rows=rows), check_files=False)
+    assert df["sid"].tolist() == ["s1", "s2", "s3"]  # order and labels kept
+    assert df.loc[1, "image"] == str((root / "images" / "nope.nii.gz").resolve())
+    assert df.loc[0, "FEV1pp"] == 85.5
+    rows[2] = rows[2].replace("s3,", "s1,", 1)  # a duplicated sid is still an error
+    msg = _error(_manifest(cohort, rows=rows), check_files=False)
+    assert "duplicated sid 's1'" in msg and "file not found" not in msg
 
 
 def test_empty_image_is_rejected(cohort):

@@ -13,8 +13,10 @@ Here the same numbers come from batched convolutions:
 * **one location** (the training case: a batch holds one anatomical location): one mixed kernel,
   one ``conv3d`` over the whole batch;
 * **mixed locations**: samples are grouped by unique location; when there are few groups each one
-  is a single batched ``conv3d``; when (almost) every sample has its own location the batch is
-  folded into the channel axis and evaluated as one grouped convolution (``groups=B``).
+  is a single batched ``conv3d`` (on contiguous slices when the batch is already ordered by
+  location, as DrasCLR's neighbour batch is; otherwise gathered and scattered back); when
+  (almost) every sample has its own location the batch is folded into the channel axis and
+  evaluated as one grouped convolution (``groups=B``).
 
 :meth:`CondConv3d.forward_loop` keeps the per-sample definition for tests and benchmarks.
 Parameter names (``weight``, ``bias``, ``_routing_fn.fc.weight``, ``_routing_fn.fc.bias``) match
@@ -53,6 +55,17 @@ def location_groups(loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ``(unique_locs (U, 3), inverse (B,) long)`` with ``loc == unique_locs[inverse]``.
     """
     return torch.unique(loc, dim=0, return_inverse=True)
+
+
+def _location_runs(inverse: torch.Tensor, n_unique: int) -> list[tuple[int, int]] | None:
+    """``[(group, length), ...]`` when each location's samples form one contiguous run of ``inverse (B,)``, else None."""
+    inv = inverse.reshape(-1)
+    starts = (torch.nonzero(inv[1:] != inv[:-1]).flatten() + 1).tolist()
+    if len(starts) + 1 != n_unique:  # some location appears in more than one run
+        return None
+    bounds = [0, *starts, inv.numel()]
+    first = inv[bounds[:-1]].tolist()
+    return [(int(g), bounds[i + 1] - bounds[i]) for i, g in enumerate(first)]
 
 
 def is_same_location(loc: torch.Tensor) -> bool:
@@ -176,8 +189,14 @@ class CondConv3d(nn.Module):
             return self.forward_single(x, unique_locs)
         if n_unique >= self.GROUPED_MIN_UNIQUE_FRACTION * x.shape[0]:
             return self.forward_grouped(x, loc)
-        # a few locations: one batched conv per location, scattered back into batch order
         kernels = self.mixed_kernels(unique_locs)  # kernels: U x out x in x k x k x k
+        runs = _location_runs(inverse, n_unique)
+        if runs is not None:
+            # a few locations in contiguous blocks (e.g. DrasCLR's neighbour batch, location-major):
+            # one conv per block, concatenated; no index_select / index_copy (and their backward)
+            blocks = x.split([n for _, n in runs])
+            return torch.cat([self._conv(xb, kernels[g], self.bias) for xb, (g, _) in zip(blocks, runs)])
+        # a few locations in any order: one batched conv per location, scattered back into batch order
         out = None
         for u in range(n_unique):
             idx = (inverse == u).nonzero(as_tuple=True)[0]

@@ -245,8 +245,11 @@ class DrasCLR(nn.Module):
         r = None
         if x_nbr is not None and self.neighbor_weight > 0:
             b, kn = x_nbr.shape[:2]
-            z_r = self.encoder_q(x_nbr.reshape(b * kn, *x_nbr.shape[2:]), nbr_locs.reshape(b * kn, 3))[0]
-            r = F.normalize(z_r, dim=1).reshape(b, kn, -1)  # r: B x Kn x dim
+            # neighbour-major order: each neighbour location is one contiguous block of B samples,
+            # which the conditional convolutions run as plain batched convs (no gather/scatter)
+            x_r = x_nbr.transpose(0, 1).reshape(kn * b, *x_nbr.shape[2:])  # x_r: (Kn*B) x 1 x P x P x P
+            z_r = self.encoder_q(x_r, nbr_locs.transpose(0, 1).reshape(kn * b, 3))[0]
+            r = F.normalize(z_r, dim=1).reshape(kn, b, -1).transpose(0, 1)  # r: B x Kn x dim
 
         with torch.no_grad():
             if self.training:

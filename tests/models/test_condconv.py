@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from drasclr_lib.models.condconv import CondConv3d, is_same_location, location_groups
+from drasclr_lib.models.condconv import CondConv3d, _location_runs, is_same_location, location_groups
 
 
 
@@ -24,19 +24,22 @@ def _locs(kind: str, b: int, gen):
         return (torch.rand(1, 3, generator=gen) * 2 - 1).expand(b, 3).clone()
     if kind == "mixed":
         return torch.rand(b, 3, generator=gen) * 2 - 1
-    # two locations, interleaved (the per-group path)
     two = torch.rand(2, 3, generator=gen) * 2 - 1
+    if kind == "blocks":  # two locations in contiguous runs, the one torch.unique sorts last first (slicing path)
+        later = int(location_groups(two)[1].argmax())
+        return two[torch.where(torch.arange(b) < 4, later, 1 - later)]
+    # two locations, interleaved (the gather/scatter path)
     return two[torch.arange(b) % 2]
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("kind", ["same", "mixed", "two"])
+@pytest.mark.parametrize("kind", ["same", "mixed", "two", "blocks"])
 def test_batched_equals_per_sample_definition(stride, kind):
     gen = torch.Generator().manual_seed(stride * 7 + len(kind))
     torch.manual_seed(0)
     conv = CondConv3d(3, 5, 3, stride, 1, num_experts=4).double()
     b = 9 if kind != "mixed" else 6
-    if kind == "two":
+    if kind in ("two", "blocks"):
         conv.GROUPED_MIN_UNIQUE_FRACTION = 0.5  # 2 of 9 locations: per-group path
     x = torch.randn(b, 3, 9, 8, 7, generator=gen, dtype=torch.float64, requires_grad=True)
     loc = _locs(kind, b, gen).double()
@@ -97,6 +100,9 @@ def test_location_helpers():
     torch.testing.assert_close(uniq[inv], loc)
     assert uniq.shape[0] == 2
     assert is_same_location(loc[[0, 2]]) and not is_same_location(loc)
+    assert _location_runs(torch.tensor([1, 1, 0, 0, 0]), 2) == [(1, 2), (0, 3)]
+    assert _location_runs(torch.tensor([2, 0, 0, 1]), 3) == [(2, 1), (0, 2), (1, 1)]
+    assert _location_runs(torch.tensor([0, 1, 0]), 2) is None  # location 0 in two runs
 
 
 @pytest.mark.parametrize("kwargs", [dict(in_channels=0, out_channels=2), dict(in_channels=2, out_channels=2, stride=0),

@@ -107,6 +107,29 @@ def test_forward_gradients_reach_query_encoder_only_and_outputs():
     assert m.queue_ptr.tolist() == [0, 4, 0]
 
 
+def test_neighbor_embeddings_stay_with_their_samples():
+    """Neighbour patches (B, Kn) are encoded location-major; each r[i, j] must still be sample i's neighbour j."""
+    from drasclr_lib.losses import neighbor_info_nce
+
+    m = _model().eval()  # eval: BatchNorm uses running statistics, so a per-sample encoding is the reference
+    xq, xk = _views(4)
+    nbr = torch.stack([*_views(4, seed=1), _views(4, seed=2)[0]], dim=1)  # B x 3 x 1 x P x P x P
+    nbr = nbr * torch.linspace(0.2, 3.0, 12).view(4, 3, 1, 1, 1, 1)  # every (sample, neighbour) clearly different
+    nbr_locs = (torch.rand(1, 3, 3) * 2 - 1).expand(4, 3, 3).clone()  # the same 3 neighbour locations per sample
+    with torch.no_grad():  # BatchNorm statistics of real activations, else every embedding points the same way
+        for bn in (mod for mod in m.encoder_q.modules() if isinstance(mod, torch.nn.BatchNorm3d)):
+            bn.momentum = 1.0
+        m.encoder_q.train()(nbr.flatten(0, 1), nbr_locs.flatten(0, 1))
+        m.encoder_q.eval()
+        out = m(xq, xk, 1, _loc(4), nbr, nbr_locs)
+        r = torch.stack([torch.stack([F.normalize(m.encoder_q(nbr[i, j:j + 1], nbr_locs[i, j:j + 1])[0], dim=1)[0]
+                                      for j in range(3)]) for i in range(4)])  # r: B x Kn x dim
+        k = F.normalize(m.encoder_k(xk, _loc(4))[0], dim=1)
+        ref, ref_logits = neighbor_info_nce(r, k, m.queue[:, :, 1].T.clone(), m.temperature)
+    torch.testing.assert_close(out["loss_neighbor"], ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["logits_neighbor"], ref_logits, atol=1e-5, rtol=0)
+
+
 def test_neighbor_weight_zero_disables_neighbor_loss():
     m = _model(neighbor_weight=0.0)
     xq, xk = _views(4)

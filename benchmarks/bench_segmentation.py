@@ -81,6 +81,9 @@ def main(argv=None) -> int:
     store = preprocess_cohort(manifest, work / "patch_store", workers=args.workers)
     times["preprocess_s"] = time.perf_counter() - t
 
+    if args.pretrain_batch > store.num_subjects:  # a batch holds distinct subjects of one location
+        print(f"pretrain batch {args.pretrain_batch} -> {store.num_subjects} (the store's subjects)")
+        args.pretrain_batch = store.num_subjects
     t = time.perf_counter()
     base = PretrainConfig(store=str(store.root), out_dir=str(work / "ckpt_drasclr"), epochs=1,
                           max_steps=args.pretrain_steps, batch_size=args.pretrain_batch,

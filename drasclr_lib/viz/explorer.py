@@ -345,10 +345,19 @@ class PatchExplorer:
     def widget(self):
         """The interactive panel: subject, patch and slice controls above the live figure.
 
+        A callback that fails (e.g. a scan that cannot be read) shows its error in the panel, where
+        the figure is, instead of only in the front end's log (JupyterLab's log console), and the
+        panel keeps reacting to the next change.
+
         Returns:
             An ``ipywidgets.VBox``; display it in a notebook (JupyterLab, Colab). Widgets can be
-            built without a front end; they only render in one.
+            built without a front end; they only render in one. ``panel.controls`` holds the
+            widgets by name (``subject``, ``patch``, ``slice``, ``on_slice``, ``heatmap``, ``output``).
         """
+        import functools
+        import traceback
+        from contextlib import contextmanager
+
         import ipywidgets as w
         import matplotlib.pyplot as plt
         from IPython.display import display
@@ -359,13 +368,39 @@ class PatchExplorer:
         vol = self.volume(s0)
         subject = w.Dropdown(options=[(sid, i) for i, sid in enumerate(self.emb.sids)], value=s0,
                              description="subject")
-        patch = w.IntSlider(value=loc0, min=0, max=L - 1, description="patch #", continuous_update=False)
+        # a wide track: a slider of ~300 slices on the default ~125 px moved 2-3 slices per pixel
+        wide = w.Layout(width="460px")
+        patch = w.IntSlider(value=loc0, min=0, max=L - 1, description="patch #", continuous_update=False,
+                            layout=wide)
         slice_ = w.IntSlider(value=vol.center_slice(loc0), min=0, max=vol.hu.shape[0] - 1,
-                             description="axial slice", continuous_update=False)
-        on_slice = w.Dropdown(description="on slice", options=[], layout=w.Layout(width="220px"))
+                             description="axial slice", continuous_update=False, layout=wide)
+        on_slice = w.Dropdown(description="on slice", options=[], layout=w.Layout(width="260px"))
         heat = w.Checkbox(value=True, description="similarity heatmap")
         out = w.Output()
         state = {"busy": False}
+
+        @contextmanager
+        def quiet():
+            """Change widgets without their own callbacks reacting (restored even when a change fails)."""
+            before = state["busy"]
+            state["busy"] = True
+            try:
+                yield
+            finally:
+                state["busy"] = before
+
+        def guarded(callback):
+            """Run a callback; on failure show the error in the panel rather than in the log only."""
+            @functools.wraps(callback)
+            def run(*args):
+                try:
+                    callback(*args)
+                except Exception as exc:  # noqa: BLE001 - any failure: tell the user, keep the panel alive
+                    out.outputs = ()
+                    out.append_stderr(f"explorer: {self.emb.sids[subject.value]}, patch #{patch.value}, "
+                                      f"slice {slice_.value}: {type(exc).__name__}: {exc}\n"
+                                      + "".join(traceback.format_exception(exc)[-6:]))
+            return run
 
         def redraw(*_):
             with out:
@@ -377,27 +412,24 @@ class PatchExplorer:
         def refresh_on_slice():
             v = self.volume(subject.value)
             idx = v.patches_on_slice(slice_.value)
-            state["busy"] = True
-            on_slice.options = [("pick a patch on this slice", -1)] + [(f"#{n}", int(n)) for n in idx]
-            on_slice.value = -1
-            state["busy"] = False
+            with quiet():
+                on_slice.options = [("pick a patch on this slice", -1)] + [(f"#{n}", int(n)) for n in idx]
+                on_slice.value = -1
 
         def on_subject(change):
             self.subject = change["new"]
             v = self.volume(change["new"])
-            state["busy"] = True
-            slice_.max = v.hu.shape[0] - 1
-            slice_.value = v.center_slice(patch.value)
-            state["busy"] = False
+            with quiet():
+                slice_.max = v.hu.shape[0] - 1
+                slice_.value = v.center_slice(patch.value)
             refresh_on_slice()
             redraw()
 
         def on_patch(change):
             if state["busy"]:
                 return
-            state["busy"] = True
-            slice_.value = self.volume(subject.value).center_slice(change["new"])  # jump to the patch
-            state["busy"] = False
+            with quiet():
+                slice_.value = self.volume(subject.value).center_slice(change["new"])  # jump to the patch
             refresh_on_slice()
             redraw()
 
@@ -410,16 +442,15 @@ class PatchExplorer:
         def on_pick(change):
             if state["busy"] or change["new"] is None or change["new"] < 0:
                 return
-            state["busy"] = True
-            patch.value = change["new"]  # keep the slice where the user is
-            state["busy"] = False
+            with quiet():
+                patch.value = change["new"]  # keep the slice where the user is
             redraw()
 
-        subject.observe(on_subject, names="value")
-        patch.observe(on_patch, names="value")
-        slice_.observe(on_slice_change, names="value")
-        on_slice.observe(on_pick, names="value")
-        heat.observe(redraw, names="value")
+        subject.observe(guarded(on_subject), names="value")
+        patch.observe(guarded(on_patch), names="value")
+        slice_.observe(guarded(on_slice_change), names="value")
+        on_slice.observe(guarded(on_pick), names="value")
+        heat.observe(guarded(redraw), names="value")
         refresh_on_slice()
         redraw()
         panel = w.VBox([w.HBox([subject, patch, heat]), w.HBox([slice_, on_slice]), out])

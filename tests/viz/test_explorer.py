@@ -119,6 +119,36 @@ def test_widget_builds_and_reacts(ct_store):
     assert c["patch"].value == other
 
 
+def test_widget_error_shows_in_panel_and_panel_keeps_working(ct_store):
+    """A failing callback must not freeze the panel, and its error must land in the panel.
+
+    In JupyterLab an exception raised in a widget callback outside the Output widget only reaches
+    the log console (seen in a live session with tools/check_explorer_jupyterlab.py --inject-error),
+    and the old code left its "busy" flag set, so every later slice change was silently ignored.
+    """
+    pytest.importorskip("ipywidgets")
+    ex = PatchExplorer(_emb(ct_store), ct_store, source="patches")
+    panel = ex.widget()
+    c = panel.controls
+    real = ex.volume
+
+    def unreadable(s):
+        if s == 1:
+            raise FileNotFoundError("subject ct1: CT file gone")
+        return real(s)
+
+    ex.volume = unreadable  # the callbacks look the method up on the instance
+    c["subject"].value = 1  # fails: no exception escapes into the front end's log ...
+    c["patch"].value = 2  # ... this one fails half-way through, after silencing the other callbacks
+    errors = "".join(o.get("text", "") for o in c["output"].outputs if o.get("name") == "stderr")
+    assert "FileNotFoundError" in errors and "ct1" in errors  # ... it is shown in the panel instead
+    ex.volume = real  # the scan is readable again: the panel must react to the next change
+    k = (c["slice"].value + 20) % (c["slice"].max + 1)
+    c["slice"].value = k
+    picks = [v for _, v in c["on_slice"].options if v >= 0]
+    assert picks == ex.volume(1).patches_on_slice(k).tolist()
+
+
 def test_explorer_validates(ct_store):
     emb = _emb(ct_store)
     bad = EmbeddingSet(h=emb.h[:, :2], sids=emb.sids, locs=emb.locs[:2], atlas_corners=emb.atlas_corners[:2])

@@ -125,7 +125,7 @@ def main(argv=None) -> int:
                "seconds": times, "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                              "torch_threads": __import__("torch").get_num_threads()}},
               results / "segmentation.json")
-    print(summary.pivot(index="init", columns="fraction", values="dice").to_markdown())
+    print(summary.pivot(index="init", columns="fraction", values="dice").round(3).to_string())
     print("baselines:", json.dumps({k: round(v, 3) for k, v in baselines.items()}))
     print("seconds:", json.dumps({k: round(v) for k, v in times.items()}))
     return 0

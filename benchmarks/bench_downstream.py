@@ -6,9 +6,12 @@ embeddings of those and of the random-weight encoder -> ``run_downstream`` (with
 lung volume baseline) -> ``benchmarks/results/downstream_table.csv`` (+ per-fold table and a JSON
 with the setting and timings).
 
-Default setting (about 45-50 min on 2 shared CPU cores)::
+Default setting (the README's table; 28 min on 2 CPU cores shared with another benchmark, load ~4:
+cohort 26 s, preprocessing 235 s, three pretraining runs + embeddings 1082 s, downstream 307 s)::
 
-    python benchmarks/bench_downstream.py --n-subjects 36 --cohort-seed 1 --max-steps 60 --batch-size 16
+    python benchmarks/bench_downstream.py --n-subjects 36 --cohort-seed 1 --max-steps 200 --batch-size 16
+
+Regenerate the table on a cohort drawn with another seed: ``--cohort-seed 11`` (fresh cache folder).
 
 Every stage is cached in ``--work`` (cohort, store, pretraining runs), so an interrupted run
 continues where it stopped; a different cohort seed or size uses fresh folders.
@@ -33,8 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="demo", help="synthetic subject size ('demo', 'adult' or a scale)")
     p.add_argument("--seed", type=int, default=0, help="seed of folds, random encoder and pretraining")
     p.add_argument("--epochs", type=int, default=1, help="epochs spanned by each pretraining schedule")
-    p.add_argument("--max-steps", type=int, default=60, help="pretraining steps per method (0: full epochs)")
+    p.add_argument("--max-steps", type=int, default=200, help="pretraining steps per method (0: full epochs)")
     p.add_argument("--batch-size", type=int, default=16, help="pretraining batch (one location, many subjects)")
+    p.add_argument("--lr", type=float, default=0.01,
+                   help="pretraining learning rate at batch 128 (published 0.01), scaled linearly to the batch")
     p.add_argument("--queue-size", type=int, default=4096, help="negatives per location (capped for small cohorts)")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--pca-components", type=int, default=8)
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     done()
     print(f"[bench_downstream] {store}", flush=True)
     base = PretrainConfig(store=str(store.root), epochs=args.epochs, max_steps=args.max_steps or None,
-                          batch_size=args.batch_size, queue_size=args.queue_size, seed=args.seed,
+                          batch_size=args.batch_size, lr=args.lr, queue_size=args.queue_size, seed=args.seed,
                           workers=args.workers, device=args.device, tensorboard=False, progress=False)
     done = stage("pretrain + embed")
     embeddings, sources = prepare_embeddings(store, base, work / "runs", seed=args.seed, device=args.device,

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CondConv3d", "location_groups", "is_same_location"]
+__all__ = ["CondConv3d", "location_groups", "location_runs", "is_same_location"]
 
 
 class _Routing(nn.Module):
@@ -57,12 +57,12 @@ def location_groups(loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.unique(loc, dim=0, return_inverse=True)
 
 
-def _location_runs(inverse: torch.Tensor, n_unique: int) -> list[tuple[int, int]] | None:
-    """``[(group, length), ...]`` when each location's samples form one contiguous run of ``inverse (B,)``, else None."""
+def location_runs(inverse: torch.Tensor, n_unique: int) -> list[tuple[int, int]]:
+    """``[(group, length), ...]`` when each location's samples form one contiguous run of ``inverse (B,)``, else ``[]``."""
     inv = inverse.reshape(-1)
     starts = (torch.nonzero(inv[1:] != inv[:-1]).flatten() + 1).tolist()
     if len(starts) + 1 != n_unique:  # some location appears in more than one run
-        return None
+        return []
     bounds = [0, *starts, inv.numel()]
     first = inv[bounds[:-1]].tolist()
     return [(int(g), bounds[i + 1] - bounds[i]) for i, g in enumerate(first)]
@@ -161,7 +161,8 @@ class CondConv3d(nn.Module):
 
     # -- forward paths ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, loc: torch.Tensor, *, same_location: bool | None = None,
-                groups: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                groups: tuple[torch.Tensor, torch.Tensor] | None = None,
+                runs: list[tuple[int, int]] | None = None) -> torch.Tensor:
         """Apply the location-conditioned convolution.
 
         Args:
@@ -172,6 +173,7 @@ class CondConv3d(nn.Module):
                 module cannot see: every sample then uses the first sample's location.
             groups: optional precomputed :func:`location_groups` ``(unique_locs, inverse)`` (the
                 encoder computes it once for all its convolutions).
+            runs: optional precomputed :func:`location_runs` of ``groups`` (likewise).
 
         Returns:
             (B, C_out, D', H', W') output, equal to :meth:`forward_loop` up to float rounding.
@@ -190,8 +192,9 @@ class CondConv3d(nn.Module):
         if n_unique >= self.GROUPED_MIN_UNIQUE_FRACTION * x.shape[0]:
             return self.forward_grouped(x, loc)
         kernels = self.mixed_kernels(unique_locs)  # kernels: U x out x in x k x k x k
-        runs = _location_runs(inverse, n_unique)
-        if runs is not None:
+        if runs is None:
+            runs = location_runs(inverse, n_unique)
+        if runs:
             # a few locations in contiguous blocks (e.g. DrasCLR's neighbour batch, location-major):
             # one conv per block, concatenated; no index_select / index_copy (and their backward)
             blocks = x.split([n for _, n in runs])

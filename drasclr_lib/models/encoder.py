@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from drasclr_lib.models.condconv import CondConv3d, is_same_location, location_groups
+from drasclr_lib.models.condconv import CondConv3d, is_same_location, location_groups, location_runs
 
 __all__ = ["DrasEncoder", "load_encoder"]
 
@@ -119,7 +119,8 @@ class DrasEncoder(nn.Module):
             raise ValueError(f"DrasEncoder: loc must be (B={x.shape[0]}, 3), got {got}")
         if is_same_location(loc):
             return {"same_location": True}
-        return {"same_location": False, "groups": location_groups(loc)}
+        unique_locs, inverse = groups = location_groups(loc)
+        return {"same_location": False, "groups": groups, "runs": location_runs(inverse, unique_locs.shape[0])}
 
     def forward_features(self, x: torch.Tensor, loc: torch.Tensor | None) -> list[torch.Tensor]:
         """Stage outputs for U-Net-like decoders.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from drasclr_lib.models.condconv import CondConv3d, _location_runs, is_same_location, location_groups
+from drasclr_lib.models.condconv import CondConv3d, location_runs, is_same_location, location_groups
 
 
 
@@ -100,9 +100,9 @@ def test_location_helpers():
     torch.testing.assert_close(uniq[inv], loc)
     assert uniq.shape[0] == 2
     assert is_same_location(loc[[0, 2]]) and not is_same_location(loc)
-    assert _location_runs(torch.tensor([1, 1, 0, 0, 0]), 2) == [(1, 2), (0, 3)]
-    assert _location_runs(torch.tensor([2, 0, 0, 1]), 3) == [(2, 1), (0, 2), (1, 1)]
-    assert _location_runs(torch.tensor([0, 1, 0]), 2) is None  # location 0 in two runs
+    assert location_runs(torch.tensor([1, 1, 0, 0, 0]), 2) == [(1, 2), (0, 3)]
+    assert location_runs(torch.tensor([2, 0, 0, 1]), 3) == [(2, 1), (0, 2), (1, 1)]
+    assert location_runs(torch.tensor([0, 1, 0]), 2) == []  # location 0 in two runs
 
 
 @pytest.mark.parametrize("kwargs", [dict(in_channels=0, out_channels=2), dict(in_channels=2, out_channels=2, stride=0),

@@ -46,8 +46,18 @@ def _negatives_kd(negatives: torch.Tensor, dim: int) -> torch.Tensor:
     raise ValueError(f"negatives of shape {tuple(negatives.shape)} do not match the embedding size D={dim}")
 
 
-def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float = 0.2
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def _masked(l_neg: torch.Tensor, neg_mask: torch.Tensor | None) -> torch.Tensor:
+    """Set the excluded negatives of ``l_neg (B, K)`` to -inf (``neg_mask (B, K)`` or ``(K,)`` bool, True = exclude)."""
+    if neg_mask is None:
+        return l_neg
+    if neg_mask.shape not in (l_neg.shape, l_neg.shape[1:]):
+        raise ValueError(f"neg_mask must be (B, K) or (K,) for negative logits {tuple(l_neg.shape)}, "
+                         f"got {tuple(neg_mask.shape)}")
+    return l_neg.masked_fill(neg_mask.to(torch.bool), float("-inf"))
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float = 0.2,
+             neg_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """InfoNCE of queries against their keys and a set of shared negatives (MoCo).
 
     Args:
@@ -55,10 +65,13 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperat
         k: (B, D) positive keys, one per query (detached here).
         negatives: (K, D), or (D, K) as the queue stores them, or per-sample (B, K, D) (detached here).
         temperature: softmax temperature ``tau > 0``.
+        neg_mask: optional (B, K) or (K,) bool, True where a negative must not count (e.g. an older
+            key of the anchor's own subject); its logit becomes -inf, so it adds nothing to the
+            softmax. ``None`` keeps every negative (the published behaviour).
 
     Returns:
         ``(loss, logits)``: the mean cross-entropy with target 0 (scalar) and ``logits (B, 1 + K)``
-        (already divided by ``tau``; column 0 is the positive).
+        (already divided by ``tau``; column 0 is the positive; excluded negatives are -inf).
 
     Raises:
         ValueError: on mismatched shapes or a non-positive temperature.
@@ -69,14 +82,14 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperat
     negs = _negatives_kd(negatives, q.shape[1]).detach()  # negs: KxD
     k = k.detach().to(q.dtype)
     l_pos = torch.einsum("bd,bd->b", q, k).unsqueeze(-1)  # l_pos: Bx1
-    l_neg = _negative_logits(q, negs)  # l_neg: BxK
+    l_neg = _masked(_negative_logits(q, negs), neg_mask)  # l_neg: BxK
     logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # logits: Bx(1+K)
     labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     return F.cross_entropy(logits, labels), logits
 
 
-def neighbor_info_nce(r: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float = 0.2
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def neighbor_info_nce(r: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float = 0.2,
+                      neg_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Neighbour InfoNCE: the anchor's anatomical neighbours (same subject) must identify its key.
 
     Positive logit ``sum_j <r_j, k>``; negative logits ``sum_j <r_j, n>`` for each negative ``n``
@@ -88,6 +101,7 @@ def neighbor_info_nce(r: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor,
         k: (B, D) the anchors' keys (detached here).
         negatives: (K, D), (D, K) or per-sample (B, K, D) negatives of the anchor's location (detached).
         temperature: softmax temperature ``tau > 0``.
+        neg_mask: optional (B, K) or (K,) bool of negatives to exclude, as in :func:`info_nce`.
 
     Returns:
         ``(loss, logits (B, 1 + K))`` as :func:`info_nce`.
@@ -101,7 +115,7 @@ def neighbor_info_nce(r: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor,
     negs = _negatives_kd(negatives, k.shape[1]).detach()  # negs: KxD
     r_sum = r.sum(dim=1)  # r_sum: BxD
     l_pos = torch.einsum("bd,bd->b", r_sum, k.detach().to(r_sum.dtype)).unsqueeze(-1)  # l_pos: Bx1
-    l_neg = _negative_logits(r_sum, negs)  # l_neg: BxK
+    l_neg = _masked(_negative_logits(r_sum, negs), neg_mask)  # l_neg: BxK
     logits = torch.cat([l_pos, l_neg], dim=1) / temperature  # logits: Bx(1+K)
     labels = torch.zeros(r.shape[0], dtype=torch.long, device=r.device)
     return F.cross_entropy(logits, labels), logits

@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=d.neighbor_weight, help="weight of the neighbour loss")
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--no-conditional", action="store_true", help="plain convolutions (MoCo baseline)")
+    p.add_argument("--keep-self-negatives", action="store_true",
+                   help="do not mask an anchor's own older keys out of its negatives (unmasked ablation)")
     p.add_argument("--augment", default=d.augment, help="augmentation letters from 'aefgc' (default agc)")
     p.add_argument("--augment-on", default=d.augment_on, choices=["auto", "workers", "device"])
     p.add_argument("--device", default=d.device)
@@ -68,7 +70,8 @@ def cli_main(argv: list[str] | None = None) -> int:
                              neighbor_weight=a.beta, temperature=a.temperature, conditional=not a.no_conditional,
                              augment=a.augment, augment_on=a.augment_on, device=a.device, workers=a.workers,
                              amp=not a.no_amp, seed=a.seed, max_steps=a.max_steps, log_every=a.log_every,
-                             save_every_steps=a.save_every, tensorboard=not a.no_tensorboard, resume=a.resume)
+                             save_every_steps=a.save_every, tensorboard=not a.no_tensorboard, resume=a.resume,
+                             exclude_self_negatives=not a.keep_self_negatives)
         path = pretrain(cfg)
     except (ValueError, FileNotFoundError) as exc:
         print(f"drasclr pretrain: error: {exc}", file=sys.stderr)

@@ -52,3 +52,41 @@ def test_two_process_gloo_training(tmp_path):
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["run"]["world_size"] == 2 and ckpt["run"]["global_batch"] == 4 and ckpt["step"] == 2
     assert ckpt["run"]["lr"] == pytest.approx(0.01 * 4 / 128)
+
+
+def _worker_epochs(rank: int, world: int, port: int, store: str, out: str, result_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from drasclr_lib.train import PretrainConfig
+    from drasclr_lib.training.loop import pretrain_model
+
+    # 16 subjects, global batch 4, 4 locations: 16 steps per epoch; step 17 is the second epoch's first
+    # batch at a location whose queue (12 entries) holds 12 of the 16 subjects from the first epoch
+    cfg = PretrainConfig(store=store, out_dir=out, epochs=2, batch_size=2, queue_size=12, workers=0, device="cpu",
+                         max_steps=20, log_every=1, num_neighbors=1, progress=False, tensorboard=False,
+                         save_every_steps=0)
+    path, model = pretrain_model(cfg)
+    torch.save({"queue_subject": model.queue_subject.clone(), "queue_ptr": model.queue_ptr.clone()},
+               os.path.join(result_dir, f"rank{rank}.pt"))
+
+
+def test_two_processes_never_meet_their_own_subject(tmp_path):
+    """Each rank's anchors are checked against the shared queue: the subject index of every entry
+    is gathered with the keys, so all ranks hold the same index and mask their own subjects."""
+    import pandas as pd
+
+    store = make_toy_store(tmp_path / "store", n_subjects=16, grid=(2, 2, 1), patch_size=16)
+    out, res = tmp_path / "out", tmp_path / "res"
+    res.mkdir()
+    mp.spawn(_worker_epochs, args=(2, _free_port(), str(store), str(out), str(res)), nprocs=2, join=True)
+    s0 = torch.load(res / "rank0.pt", weights_only=True)
+    s1 = torch.load(res / "rank1.pt", weights_only=True)
+    assert torch.equal(s0["queue_subject"], s1["queue_subject"])
+    filled = s0["queue_subject"][s0["queue_subject"] >= 0]
+    assert filled.numel() > 0 and int(filled.max()) < 16
+    hist = pd.read_csv(out / "history.csv")
+    assert len(hist) == 20 and (hist["self_negatives"] == 0).all(), hist
+    # summed over both ranks: the second epoch's first batches did bring older keys of their subjects
+    assert hist.loc[hist["epoch"] == 1, "masked_negatives"].sum() > 0
+    assert hist.loc[hist["epoch"] == 0, "masked_negatives"].sum() == 0

@@ -70,7 +70,7 @@ def test_checkpoint_format_and_files(small_store, tmp_path):
     keys = set(ckpt["state_dict"])
     assert {"queue", "queue_ptr"} <= keys
     assert any(k.startswith("encoder_q.") for k in keys) and any(k.startswith("encoder_k.") for k in keys)
-    assert all(k.split(".")[0] in {"encoder_q", "encoder_k", "queue", "queue_ptr"} for k in keys)
+    assert all(k.split(".")[0] in {"encoder_q", "encoder_k", "queue", "queue_ptr", "queue_subject"} for k in keys)
     assert ckpt["state_dict"]["queue"].shape == (128, 4, 4)
     assert ckpt["config"]["batch_size"] == 4 and isinstance(ckpt["config"], dict)
     assert set(ckpt["rng"]) == {"torch", "cuda", "numpy", "python"}
@@ -84,6 +84,25 @@ def test_checkpoint_format_and_files(small_store, tmp_path):
     for name, value in enc.state_dict().items():
         assert torch.equal(value, ckpt["state_dict"][f"encoder_q.{name}"]), name
     assert load_checkpoint(path)["step"] == 3
+
+
+def test_three_epochs_no_anchor_meets_its_own_subject(small_store, tmp_path):
+    """history.csv counts the same-subject (anchor, queue entry) pairs that reached the loss: 0 in
+    every row with the mask; the identical unmasked run shows they exist from the second epoch on."""
+    kw = dict(epochs=3, log_every=2, num_neighbors=1)  # 8 subjects, batch 4, queue 4: 8 steps per epoch
+    masked = pd.read_csv(pretrain(_cfg(small_store, tmp_path / "masked", **kw)).parent / "history.csv")
+    assert len(masked) == 12 and masked["epoch"].tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert (masked["self_negatives"] == 0).all(), masked
+    assert masked["masked_negatives"].sum() > 0  # the shuffled sampler does bring them: the mask acted
+    assert masked.loc[masked["epoch"] == 0, "masked_negatives"].sum() == 0
+    unmasked = pd.read_csv(pretrain(_cfg(small_store, tmp_path / "unmasked", exclude_self_negatives=False,
+                                         **kw)).parent / "history.csv")
+    assert (unmasked["masked_negatives"] == 0).all()
+    assert unmasked.loc[unmasked["epoch"] == 0, "self_negatives"].sum() == 0
+    # same seed, same sampler: exactly the pairs the masked run removed reached the unmasked loss
+    # (the queues hold the same subjects in both runs, only the keys' values differ)
+    assert unmasked["self_negatives"].tolist() == masked["masked_negatives"].tolist()
+    assert unmasked.loc[unmasked["epoch"] > 0, "self_negatives"].sum() > 0
 
 
 def test_resume_is_exact(small_store, tmp_path):

@@ -41,7 +41,7 @@ ABLATION_FLAGS = {
 }
 BUDGET_KEYS = ("epochs", "max_steps", "batch_size", "lr", "scale_lr", "momentum", "weight_decay", "queue_size",
                "moco_momentum", "temperature", "num_neighbors", "neighbor_weight", "conditional", "num_experts",
-               "rep_dim", "proj_dim", "augment", "seed", "split_bn")
+               "rep_dim", "proj_dim", "augment", "seed", "split_bn", "exclude_self_negatives")
 
 
 def _store_path(store: str) -> str:

@@ -20,7 +20,8 @@ from drasclr_lib.utils import atomic_path
 __all__ = ["rng_state", "set_rng_state", "save_checkpoint", "load_checkpoint", "write_history_csv",
            "HISTORY_COLUMNS"]
 
-HISTORY_COLUMNS = ["step", "epoch", "loss", "loss_local", "loss_neighbor", "acc1", "lr", "seconds"]
+HISTORY_COLUMNS = ["step", "epoch", "loss", "loss_local", "loss_neighbor", "acc1", "self_negatives",
+                   "masked_negatives", "lr", "seconds"]
 
 
 def rng_state() -> dict:

@@ -16,7 +16,7 @@ REFERENCE_BATCH = 128
 # fields that must match to resume a run (the others, e.g. max_steps or workers, may change)
 RESUME_KEYS = ("epochs", "batch_size", "lr", "scale_lr", "momentum", "weight_decay", "queue_size", "moco_momentum",
                "temperature", "num_neighbors", "neighbor_weight", "conditional", "num_experts", "rep_dim",
-               "proj_dim", "augment", "seed", "split_bn")
+               "proj_dim", "augment", "seed", "split_bn", "exclude_self_negatives")
 
 
 @dataclass
@@ -58,6 +58,11 @@ class PretrainConfig:
             ends), so an interrupted long run loses at most this many steps.
         tensorboard: write TensorBoard scalars to ``out_dir/tb``.
         split_bn: sub-batches of the key encoder's split-batch BatchNorm on one device (2).
+        exclude_self_negatives: mask queue entries of an anchor's own subject out of its logits
+            (``True``). The sampler reshuffles subjects every epoch, so without the mask an anchor
+            meets older keys of itself from the second epoch on; the published code's fixed
+            subject order never does. ``False`` reproduces the unmasked loss (counted in
+            ``history.csv``'s ``self_negatives``).
         resume: continue from ``out_dir/checkpoint.pt`` when it exists.
         progress: show a tqdm bar.
     """
@@ -90,6 +95,7 @@ class PretrainConfig:
     save_every_steps: int = 1000
     tensorboard: bool = True
     split_bn: int = 2
+    exclude_self_negatives: bool = True
     resume: bool = False
     progress: bool = True
 

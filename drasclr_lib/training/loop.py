@@ -34,7 +34,12 @@ from drasclr_lib.utils import output_dir, resolve_device, save_json, seed_everyt
 
 __all__ = ["pretrain", "pretrain_model", "pretrain_or_reuse", "cosine_factor"]
 
-_METRICS = ("loss", "loss_local", "loss_neighbor", "acc1")
+_METRICS = ("loss", "loss_local", "loss_neighbor", "acc1")  # means over a logging window
+_COUNTS = ("self_negatives", "masked_negatives")  # sums over a logging window and over processes
+
+
+def _new_window() -> dict:
+    return {"n": 0, **{k: 0.0 for k in _METRICS + _COUNTS}}
 
 
 def cosine_factor(step: int, total_steps: int) -> float:
@@ -72,7 +77,8 @@ def _build_model(cfg: PretrainConfig, num_locations: int, queue_size: int):
     encoder = DrasEncoder(rep_dim=cfg.rep_dim, proj_dim=cfg.proj_dim, num_experts=cfg.num_experts,
                           conditional=cfg.conditional)
     return DrasCLR(encoder, num_locations=num_locations, queue_size=queue_size, momentum=cfg.moco_momentum,
-                   temperature=cfg.temperature, neighbor_weight=cfg.neighbor_weight, split_bn=cfg.split_bn)
+                   temperature=cfg.temperature, neighbor_weight=cfg.neighbor_weight, split_bn=cfg.split_bn,
+                   exclude_same_subject=cfg.exclude_self_negatives)
 
 
 def _check_resume(ckpt: dict, cfg: PretrainConfig, run: dict, path: Path) -> None:
@@ -93,7 +99,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
     Files (rank 0 writes) in ``cfg.out_dir``: ``checkpoint.pt`` (the latest; every epoch and every
     ``save_every_steps`` steps), ``config.json`` (the config plus the effective lr, queue size and
     process count), ``history.csv`` (step, epoch, loss, loss_local, loss_neighbor, acc1, lr,
-    seconds; means over ``log_every`` steps) and ``tb/`` (TensorBoard scalars).
+    seconds; means over ``log_every`` steps; ``self_negatives`` and ``masked_negatives``: the
+    (anchor, queue entry) pairs of the same subject that reached the loss / were masked out of it,
+    summed over the window and the processes) and ``tb/`` (TensorBoard scalars).
 
     Args:
         cfg: the run's settings (:class:`PretrainConfig`).
@@ -185,7 +193,7 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device):
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_factor(s, total_steps))
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    step, history, window = 0, [], {"n": 0, **{k: 0.0 for k in _METRICS}}
+    step, history, window = 0, [], _new_window()
     elapsed = 0.0
 
     if cfg.resume and ckpt_path.exists():
@@ -198,7 +206,10 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device):
             scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
         step, history = int(ckpt["step"]), list(ckpt.get("history", []))
-        window = dict(ckpt.get("log_window", window))
+        window = {**_new_window(), **ckpt.get("log_window", {})}
+        if "queue_subject" not in ckpt["state_dict"]:
+            warnings.warn(f"{ckpt_path} predates per-entry subject indices: the queues resume with no subject "
+                          "known, so the first queue turn of each location is not masked", stacklevel=3)
         elapsed = float(ckpt.get("seconds", 0.0))
         if is_main:
             print(f"resuming {ckpt_path} at step {step} of {stop_step}")
@@ -279,11 +290,13 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device):
             vals = torch.tensor([float(res[k].detach() if torch.is_tensor(res[k]) else res[k]) if res.get(k) is not None else 0.0
                                  for k in _METRICS],
                                 dtype=torch.float64)
+            counts = torch.tensor([int(res[k]) for k in _COUNTS], dtype=torch.float64)
             if world > 1:
                 dist.all_reduce(vals)
                 vals /= world
+                dist.all_reduce(counts)
             window["n"] += 1
-            for k, v in zip(_METRICS, vals.tolist()):
+            for k, v in zip(_METRICS + _COUNTS, vals.tolist() + counts.tolist()):
                 window[k] += v
             elapsed += time.perf_counter() - t0
             t0 = time.perf_counter()
@@ -294,12 +307,12 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device):
             # max_steps stop stays in the checkpoint and is continued on resume (exact history)
             if window["n"] >= cfg.log_every or step == total_steps:
                 row = {"step": step, "epoch": epoch, **{k: window[k] / window["n"] for k in _METRICS},
-                       "lr": lr_now, "seconds": round(elapsed, 3)}
+                       **{k: int(window[k]) for k in _COUNTS}, "lr": lr_now, "seconds": round(elapsed, 3)}
                 history.append(row)
                 if writer is not None:
-                    for k in (*_METRICS, "lr"):
+                    for k in (*_METRICS, *_COUNTS, "lr"):
                         writer.add_scalar(f"train/{k}", row[k], step)
-                window = {"n": 0, **{k: 0.0 for k in _METRICS}}
+                window = _new_window()
             if step % steps_per_epoch == 0 or (cfg.save_every_steps and step - last_saved >= cfg.save_every_steps):
                 checkpoint()
                 last_saved = step

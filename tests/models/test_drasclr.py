@@ -38,8 +38,8 @@ def _loc(b, value=(0.2, -0.3, 0.5)):
 def test_state_dict_keys_and_queue_init():
     m = _model()
     keys = set(m.state_dict())
-    assert {"queue", "queue_ptr"} <= keys
-    assert all(k.startswith(("encoder_q.", "encoder_k.")) for k in keys - {"queue", "queue_ptr"})
+    assert {"queue", "queue_ptr", "queue_subject"} <= keys
+    assert all(k.startswith(("encoder_q.", "encoder_k.")) for k in keys - {"queue", "queue_ptr", "queue_subject"})
     assert {k[len("encoder_q."):] for k in keys if k.startswith("encoder_q.")} == set(DrasEncoder(num_experts=2).state_dict())
     assert m.queue.shape == (128, 8, 3) and m.queue_ptr.shape == (3,) and m.queue_ptr.dtype == torch.long
     torch.testing.assert_close(m.queue.norm(dim=0), torch.ones(8, 3))
@@ -190,6 +190,15 @@ def test_split_bn_changes_key_features_and_equals_per_subbatch_bn():
         torch.testing.assert_close(k_whole, F.normalize(copy.deepcopy(m1.encoder_k)(xk.flip(0), locs)[0], dim=1).flip(0),
                                    atol=1e-5, rtol=0)
     assert (k_split - k_whole).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("b,splits", [(7, 3), (5, 2), (9, 4), (2, 3)])
+def test_split_bn_with_uneven_batches_never_leaves_a_one_sample_chunk(b, splits):
+    m = _model(split_bn=splits).train()
+    xk, _ = _views(b, seed=4)
+    k = m.encode_keys(xk, _loc(b))  # chunk() gave 3, 3, 1 for 7 / 3 and BatchNorm failed on the 1
+    assert k.shape == (b, 128) and torch.isfinite(k).all()
+    torch.testing.assert_close(k.norm(dim=1), torch.ones(b))
 
 
 def test_loss_goes_down_on_tiny_data():

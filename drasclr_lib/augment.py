@@ -33,6 +33,14 @@ Two backends:
 Randomness comes from a ``torch.Generator`` (``seed=`` or ``generator=`` per call), so the same
 seed gives the same views and the training loader can give every sample its own seed
 (independent of DataLoader workers; needed for exact resume).
+
+Channels: a sample ``(C, P, P, P)`` gets **one** transform shared by its C channels, as a MONAI
+transform applied to a C-channel image: one affine grid, elastic field and flip for all channels,
+one noise decision and std (the noise itself independent per voxel and channel), one contrast
+decision and gamma with the min and max taken over all channels (MONAI's ``AdjustContrast``). The
+training data uses this for the K neighbours of an anchor, passed as the channels of one sample as
+in the published code (``drasclr_lib.training.data.PatchPairDataset.augment_views``). The random
+parameters drawn depend on the batch size only, not on C.
 """
 
 from __future__ import annotations
@@ -198,7 +206,7 @@ class PatchAugment:
 
     def __call__(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
         """Augment one patch ``(C, P, P, P)`` or a batch ``(B, C, P, P, P)`` (each sample drawn
-        independently), on ``x``'s device.
+        independently; the C channels of a sample share its transform), on ``x``'s device.
 
         Args:
             x: float patches on the input scale.
@@ -304,7 +312,9 @@ class MonaiPatchAugment:
         return f"{type(self).__name__}({self.spec!r})"
 
     def __call__(self, x: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Augment (C, P, P, P) or (B, C, P, P, P) patches (a loop over the batch); same shape out."""
+        """Augment (C, P, P, P) or (B, C, P, P, P) patches (a loop over the batch; the C channels of
+        a sample share its transform, as MONAI applies one transform to a multi-channel image);
+        same shape out."""
         if x.ndim == 5:
             return torch.stack([self(xi, generator=generator) for xi in x])
         if x.ndim != 4:

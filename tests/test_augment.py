@@ -91,3 +91,36 @@ def test_noise_std_matches_hu_scale():
     # std drawn uniformly in [0, 50/632]: mean std is half of it
     assert abs(sd.mean().item() - NOISE_STD_INPUT / 2) < 0.1 * NOISE_STD_INPUT
     assert sd.max().item() <= NOISE_STD_INPUT * 1.1
+
+
+def test_channels_of_a_sample_share_one_transform():
+    # a (B, C, P, P, P) batch: one transform per sample, the same for all of its channels, and the
+    # parameters drawn do not depend on C (the neighbours of an anchor are passed as channels)
+    x = torch.rand(4, 3, 16, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    for spec in ["a", "aef"]:
+        aug = build_augment(spec, seed=0)
+        multi = aug(x, generator=torch.Generator().manual_seed(5))
+        for c in range(3):
+            single = aug(x[:, c:c + 1], generator=torch.Generator().manual_seed(5))
+            assert torch.allclose(multi[:, c:c + 1], single, atol=1e-6), (spec, c)
+    # identical channels stay identical through the affine, the flip and the contrast (one gamma,
+    # min and max over the whole sample), and they were transformed
+    same = x[:, :1].expand(4, 2, 16, 16, 16).contiguous()
+    y = PatchAugment("agcf", noise_prob=0.0, contrast_prob=1.0, seed=3)(same)
+    assert torch.equal(y[:, 0], y[:, 1])
+    assert not torch.allclose(y[:, 0], same[:, 0], atol=1e-3)
+    # noise: one decision and std per sample, independent values per channel
+    y = PatchAugment("g", noise_prob=0.5, seed=4)(torch.zeros(64, 2, 8, 8, 8))
+    noisy = y.flatten(2).abs().amax(2) > 0  # (64, 2)
+    assert torch.equal(noisy[:, 0], noisy[:, 1]) and 8 <= int(noisy[:, 0].sum()) <= 56
+    assert not torch.equal(y[noisy[:, 0], 0], y[noisy[:, 0], 1])
+    ratio = y[noisy[:, 0], 0].flatten(1).std(1) / y[noisy[:, 0], 1].flatten(1).std(1)
+    assert torch.allclose(ratio, torch.ones_like(ratio), atol=0.3)  # same std for both channels
+
+
+def test_monai_backend_shares_the_transform_across_channels():
+    x = _patches(b=2, p=16)
+    same = x.expand(2, 2, 16, 16, 16).contiguous()
+    y = build_augment("a", seed=0, backend="monai")(same, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(y[:, 0], y[:, 1], atol=1e-6)
+    assert not torch.allclose(y[:, 0], x[:, 0], atol=1e-3)

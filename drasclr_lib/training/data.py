@@ -157,14 +157,22 @@ class PatchPairDataset(Dataset):
 
     ``dataset[(s, l)]`` reads, through the memory-mapped store, the patch of subject ``s`` at
     location ``l`` and the patches of the same subject at ``store.neighbors[l][:num_neighbors]``,
-    maps HU to the input scale (``drasclr_lib.intensity.hu_to_input``) and augments: the anchor
-    twice (views q and k), each neighbour once.
+    maps HU to the input scale (``drasclr_lib.intensity.hu_to_input``) and augments them as the
+    published code does (:meth:`augment_views`): the anchor twice, views q and k, each with its own
+    random transform (the published ``TwoCropsTransform``); the K neighbours together, as the
+    channels of one ``(K, P, P, P)`` sample, so that they share **one** random transform (one
+    affine, one elastic field, one flip, one noise decision and std, one contrast gamma; the noise
+    itself is drawn per voxel), independent of q and k (the published ``neighbor_transforms``).
+    The training loop's device augmentation (``augment_on="device"``) calls the same
+    :meth:`augment_views`, so both paths have the same semantics.
 
     Args:
         store: a :class:`drasclr_lib.data.patch_store.PatchStore`.
         num_neighbors: K, neighbours per anchor (0 disables them; at most the store's list length).
-        augment: a spec string (``"agc"``), a callable ``aug(x (B, 1, P, P, P), generator=...)``,
-            or ``None`` for no augmentation here (the training loop then augments on the device).
+        augment: a spec string (``"agc"``), a callable ``aug(x (B, C, P, P, P), generator=...)``
+            that draws one transform per sample shared by its C channels (as
+            :class:`drasclr_lib.augment.PatchAugment` and ``MonaiPatchAugment`` do), or ``None`` for
+            no augmentation here (the training loop then augments on the device).
         seed: seed for samples that come without their own (a plain ``(s, l)`` tuple).
 
     Returns (``__getitem__``):
@@ -189,6 +197,35 @@ class PatchPairDataset(Dataset):
     def __len__(self) -> int:
         return self.store.num_subjects * self.store.num_locations
 
+    @staticmethod
+    def augment_views(augment: Callable, x_q: torch.Tensor, x_k: torch.Tensor, x_nbr: torch.Tensor | None, *,
+                      generator: torch.Generator | None = None):
+        """Augment a batch of anchors and their neighbours the published way.
+
+        q and k get one independent transform per view (one batched call on ``cat([x_q, x_k])``);
+        the K neighbours of sample ``b`` are passed as the K channels of one sample
+        ``x_nbr[b] -> (K, P, P, P)``, so they share one transform, drawn independently of q, k and
+        of the other samples' neighbours. Used by :meth:`__getitem__` (B = 1, in the DataLoader
+        workers) and by the training loop's device augmentation (the whole batch at once).
+
+        Args:
+            augment: ``aug(x (B, C, P, P, P), generator=...)`` drawing one transform per sample.
+            x_q, x_k: (B, 1, P, P, P) anchor patches (usually the same tensor twice).
+            x_nbr: (B, K, 1, P, P, P) neighbour patches, or ``None``.
+            generator: CPU ``torch.Generator`` of the random parameters (q/k first, then neighbours).
+
+        Returns:
+            ``(x_q, x_k, x_nbr)`` augmented, same shapes (``x_nbr`` stays ``None`` when ``None``).
+        """
+        b = len(x_q)
+        views = augment(torch.cat([x_q, x_k]), generator=generator)
+        q, k = views[:b], views[b:]
+        if x_nbr is not None and x_nbr.shape[1] > 0:
+            if x_nbr.dim() != 6 or x_nbr.shape[2] != 1:
+                raise ValueError(f"x_nbr must be (B, K, 1, P, P, P), got {tuple(x_nbr.shape)}")
+            x_nbr = augment(x_nbr[:, :, 0], generator=generator)[:, :, None]  # K neighbours = K channels
+        return q, k, x_nbr
+
     def __getitem__(self, key) -> dict:
         try:
             s, l = (int(v) for v in key)
@@ -205,16 +242,17 @@ class PatchPairDataset(Dataset):
             raise OSError(f"subject {self.store.sids[s]}: cannot read patches from "
                           f"{self.store.root / 'patches' / (self.store.sids[s] + '.npy')}: {exc}") from exc
         x = hu_to_input(torch.from_numpy(stack))[:, None]  # (1 + K, 1, P, P, P)
-        views = torch.cat([x[:1], x], 0)  # anchor twice, then neighbours
+        x_q, x_k, x_nbr = x[:1], x[:1].clone(), x[1:]
         if self.augment is not None:
             seed = getattr(key, "seed", None)
             if seed is None:  # differs per worker: DataLoader seeds torch in each worker
                 seed = int(torch.randint(0, 2**62, (1,)))
             gen = torch.Generator()
             gen.manual_seed(seed)
-            views = self.augment(views, generator=gen)
+            x_q, x_k, nbr_views = self.augment_views(self.augment, x_q, x_k, x_nbr[None], generator=gen)
+            x_nbr = nbr_views[0]
         return {
-            "x_q": views[0], "x_k": views[1], "x_nbr": views[2:],
+            "x_q": x_q[0], "x_k": x_k[0], "x_nbr": x_nbr,
             "loc": self._locs[l], "loc_idx": torch.tensor(l), "subject": torch.tensor(s),
             "nbr_locs": self._locs[nbr], "nbr_idx": nbr,
         }

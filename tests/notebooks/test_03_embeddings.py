@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
 
 from drasclr_lib.data.patch_store import PatchStore
 from drasclr_lib.embed import EmbeddingSet
+from tests.notebooks.ci_params import ALIGNMENT_MARGIN, MAX_NEGATIVE_SIMILARITY
 from tests.notebooks.conftest import read_metrics
 
 
@@ -35,18 +33,15 @@ def test_03_embeddings(run_notebook):
     # emphysema fraction (a misaligned target or a broken probe gives R2 <= 0)
     assert m["intensity"]["emph_r2"] > 0.2 and m["intensity"]["emph_spearman"] > 0.5, m["intensity"]
     # At CI scale (40 steps, 16 subjects) neither encoder predicts the emphysema fraction (R2 ~ 0
-    # for both), so the gain is recorded here, not claimed ...
+    # for both), so the gain is recorded here, not claimed (benchmarks/bench_disease_signal.py
+    # records a longer run; a committed result is documentation, not a test)
     assert np.isclose(m["emph_r2_gain"], m["pretrained"]["emph_r2"] - m["random"]["emph_r2"])
+    # What the pretrained encoder does that random weights do not, on the same augmented views: it
+    # aligns a patch's two views (measured at CI's budget: 0.97 against 0.54). Random weights
+    # loaded in place of the checkpoint, or a pretraining run that never moved its weights, score
+    # the baseline's alignment (a frozen run of notebook 02 measured +0.009 over it).
+    views = m["views"]
+    assert views["pretrained"]["n_locations"] == views["random"]["n_locations"] >= 8
+    assert m["alignment_gain"] > ALIGNMENT_MARGIN, views
+    assert views["pretrained"]["negative_similarity"] < MAX_NEGATIVE_SIMILARITY, views  # not one vector for all
 
-
-def test_disease_signal_of_the_longer_recorded_run():
-    """... the ordering is asserted on the longer run recorded by benchmarks/bench_disease_signal.py
-    (36 subjects, 300 steps), as the notebook explains."""
-    rec = json.loads((Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "disease_signal.json").read_text())
-    assert rec["setting"]["steps"] >= 300 and rec["setting"]["subjects"] >= 32
-    res = rec["results"]
-    assert res["pretrained"]["emph_r2"] > res["random"]["emph_r2"] + 0.05, res
-    assert res["pretrained"]["emph_spearman"] > res["random"]["emph_spearman"] + 0.1, res
-    # both encoders still decode location far above chance
-    for enc in ("pretrained", "random"):
-        assert res[enc]["location_knn_acc"] > 5 * res[enc]["location_chance"], res[enc]

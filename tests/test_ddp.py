@@ -20,26 +20,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, store: str, out: str, result_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, store: str, out: str, result_dir: str, overrides: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from drasclr_lib.train import PretrainConfig
     from drasclr_lib.training.loop import pretrain_model
 
-    cfg = PretrainConfig(store=store, out_dir=out, epochs=1, batch_size=2, queue_size=12, workers=0, device="cpu",
-                         max_steps=2, log_every=1, progress=False, tensorboard=False, save_every_steps=0)
+    cfg = PretrainConfig(**{**dict(store=store, out_dir=out, epochs=1, batch_size=2, queue_size=12, workers=0,
+                                   device="cpu", max_steps=2, log_every=1, progress=False, tensorboard=False,
+                                   save_every_steps=0), **overrides})
     path, model = pretrain_model(cfg)  # initialises and destroys the gloo process group itself
     torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, os.path.join(result_dir, f"rank{rank}.pt"))
 
 
-def test_two_process_gloo_training(tmp_path):
+def _train_two_ranks(tmp_path, **overrides):
+    """Train on a 16-subject toy store with 2 gloo processes; returns (rank 0, rank 1 state dicts, out_dir)."""
     store = make_toy_store(tmp_path / "store", n_subjects=16, grid=(2, 2, 1), patch_size=16)
     out, res = tmp_path / "out", tmp_path / "res"
     res.mkdir()
-    mp.spawn(_worker, args=(2, _free_port(), str(store), str(out), str(res)), nprocs=2, join=True)
-    s0 = torch.load(res / "rank0.pt", weights_only=True)
-    s1 = torch.load(res / "rank1.pt", weights_only=True)
+    mp.spawn(_worker, args=(2, _free_port(), str(store), str(out), str(res), overrides), nprocs=2, join=True)
+    s0, s1 = (torch.load(res / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    return s0, s1, out
+
+
+def test_two_process_gloo_training(tmp_path):
+    s0, s1, out = _train_two_ranks(tmp_path)
     # DDP averaged the gradients: both ranks hold the same query (and key) encoder
     for k in s0:
         if k.startswith(("encoder_q.", "encoder_k.")) and "running" not in k and "num_batches" not in k:
@@ -54,34 +60,15 @@ def test_two_process_gloo_training(tmp_path):
     assert ckpt["run"]["lr"] == pytest.approx(0.01 * 4 / 128)
 
 
-def _worker_epochs(rank: int, world: int, port: int, store: str, out: str, result_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from drasclr_lib.train import PretrainConfig
-    from drasclr_lib.training.loop import pretrain_model
-
-    # 16 subjects, global batch 4, 4 locations: 16 steps per epoch; step 17 is the second epoch's first
-    # batch at a location whose queue (12 entries) holds 12 of the 16 subjects from the first epoch
-    cfg = PretrainConfig(store=store, out_dir=out, epochs=2, batch_size=2, queue_size=12, workers=0, device="cpu",
-                         max_steps=20, log_every=1, num_neighbors=1, progress=False, tensorboard=False,
-                         save_every_steps=0)
-    path, model = pretrain_model(cfg)
-    torch.save({"queue_subject": model.queue_subject.clone(), "queue_ptr": model.queue_ptr.clone()},
-               os.path.join(result_dir, f"rank{rank}.pt"))
-
 
 def test_two_processes_never_meet_their_own_subject(tmp_path):
     """Each rank's anchors are checked against the shared queue: the subject index of every entry
     is gathered with the keys, so all ranks hold the same index and mask their own subjects."""
     import pandas as pd
 
-    store = make_toy_store(tmp_path / "store", n_subjects=16, grid=(2, 2, 1), patch_size=16)
-    out, res = tmp_path / "out", tmp_path / "res"
-    res.mkdir()
-    mp.spawn(_worker_epochs, args=(2, _free_port(), str(store), str(out), str(res)), nprocs=2, join=True)
-    s0 = torch.load(res / "rank0.pt", weights_only=True)
-    s1 = torch.load(res / "rank1.pt", weights_only=True)
+    # global batch 4, 4 locations: 16 steps per epoch; step 17 is the second epoch's first batch at a
+    # location whose queue (12 entries) holds 12 of the 16 subjects from the first epoch
+    s0, s1, out = _train_two_ranks(tmp_path, epochs=2, max_steps=20, num_neighbors=1)
     assert torch.equal(s0["queue_subject"], s1["queue_subject"])
     filled = s0["queue_subject"][s0["queue_subject"] >= 0]
     assert filled.numel() > 0 and int(filled.max()) < 16

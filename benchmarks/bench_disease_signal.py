@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from drasclr_lib.data.patch_store import PatchStore
-    from drasclr_lib.embed import EmbeddingSet, embed_cohort, patch_table, random_encoder
+    from drasclr_lib.data.patch_store import patch_table
+    from drasclr_lib.embed import EmbeddingSet, embed_cohort, random_encoder
     from drasclr_lib.models import load_encoder
     from drasclr_lib.train import PretrainConfig, pretrain
     from drasclr_lib.utils import save_json

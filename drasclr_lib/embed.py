@@ -4,8 +4,8 @@
 ``h (N, L, D)``; batches hold **one location across subjects**, so every conditional convolution
 of a batch uses a single mixed kernel (the fast path). :func:`embed_subject` embeds one new scan,
 whose batches mix locations. :func:`pool_subjects` reduces patch embeddings to one vector per
-subject, :func:`random_encoder` gives the random-weight baseline, and :func:`patch_table` the
-per-patch facts (emphysema fraction, lobe, height) the maps and metrics colour by.
+subject and :func:`random_encoder` gives the random-weight baseline. (The per-patch facts the maps
+and metrics colour by are :func:`drasclr_lib.data.patch_store.patch_table`.)
 
 Command line::
 
@@ -35,7 +35,6 @@ __all__ = [
     "pool_subjects",
     "random_encoder",
     "calibrate_batchnorm",
-    "patch_table",
     "cli_main",
 ]
 
@@ -394,66 +393,6 @@ def pool_subjects(h: np.ndarray, method: str = "mean") -> np.ndarray:
     if method == "meanmax":
         return np.concatenate([h.mean(axis=1), h.max(axis=1)], axis=1)
     raise ValueError(f"unknown pooling method {method!r}; use 'mean' or 'meanmax'")
-
-
-# -- per-patch facts --------------------------------------------------------------------------
-def patch_table(store, subjects: Sequence[int] | None = None) -> dict[str, np.ndarray]:
-    """Per-patch facts of the store's subjects, for colouring maps and scoring embeddings.
-
-    Values come from the per-subject records written by preprocessing. When a record lacks
-    ``patch_emph_fraction``, it is computed from the label patches (labelled voxels over the
-    patch's lung voxels, using ``patch_lung_fraction`` when the record has it, else over all
-    voxels); without label patches it is NaN. A missing ``patch_lobe`` is 0 (unknown).
-
-    Args:
-        store: a ``PatchStore``.
-        subjects: optional subject indices; default all.
-
-    Returns:
-        dict of (N, L) arrays: ``emph_fraction`` (float, NaN unknown), ``lobe`` (int, 0 unknown),
-        ``lung_fraction`` (float, NaN unknown), ``laa950`` (float %, NaN unknown), and
-        ``height`` (float, the location's atlas z corner, the same for every subject).
-    """
-    idx = list(range(store.num_subjects)) if subjects is None else [int(s) for s in subjects]
-    N, L = len(idx), store.num_locations
-    emph = np.full((N, L), np.nan)
-    lobe = np.zeros((N, L), dtype=np.int64)
-    lung = np.full((N, L), np.nan)
-    laa = np.full((N, L), np.nan)
-
-    def _list(rec, key, sid):
-        if rec.get(key) is None:
-            return None
-        arr = np.asarray(rec[key], dtype=np.float64)
-        if arr.shape != (L,):
-            raise ValueError(f"subject {sid}: record {key} has shape {arr.shape}, expected ({L},) "
-                             f"in {store.root / 'subjects' / (sid + '.json')}")
-        return arr
-
-    for row, s in enumerate(idx):
-        sid = store.sids[s]
-        rec = store.record(s)
-        lf = _list(rec, "patch_lung_fraction", sid)
-        if lf is not None:
-            lung[row] = lf
-        lb = _list(rec, "patch_lobe", sid)
-        if lb is not None:
-            lobe[row] = np.nan_to_num(lb).astype(np.int64)
-        la = _list(rec, "patch_laa950", sid)
-        if la is not None:
-            laa[row] = la
-        ef = _list(rec, "patch_emph_fraction", sid)
-        if ef is not None:
-            emph[row] = ef
-        else:
-            labels = store.label_patches(s)
-            if labels is not None:
-                labelled = (np.asarray(labels).reshape(L, -1) > 0).mean(axis=1)
-                denom = lung[row] if lf is not None else np.ones(L)
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    emph[row] = np.where(denom > 0, np.clip(labelled / denom, 0, 1), np.nan)
-    height = np.broadcast_to(store.atlas_corners[:, 2].astype(np.float64), (N, L)).copy()
-    return {"emph_fraction": emph, "lobe": lobe, "lung_fraction": lung, "laa950": laa, "height": height}
 
 
 # -- command line -----------------------------------------------------------------------------

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from drasclr_lib.data.patch_store import PatchStore, write_store_meta, write_subject
+from drasclr_lib.data.patch_store import PatchStore, patch_table, write_store_meta, write_subject
+from drasclr_lib.data.toy import make_toy_store
 from drasclr_lib.embed import (EmbeddingSet, calibrate_batchnorm, cli_main, embed_cohort, embed_subject,
-                               patch_table, pool_subjects, random_encoder)
+                               pool_subjects, random_encoder)
 from drasclr_lib.models import DrasEncoder, load_encoder
-from tests.conftest import make_toy_store
 
 
 @pytest.fixture(scope="module")

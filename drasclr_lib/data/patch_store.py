@@ -37,6 +37,7 @@ __all__ = [
     "write_subject",
     "subject_done",
     "finalize_store",
+    "patch_table",
 ]
 
 FORMAT_VERSION = 1
@@ -294,3 +295,62 @@ class PatchStore:
         self.__dict__.update(state)
         self._patches = lru_cache(maxsize=None)(self._open_patches)
         self._labels = lru_cache(maxsize=None)(self._open_labels)
+
+
+def patch_table(store, subjects: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+    """Per-patch facts of the store's subjects, for colouring maps and scoring embeddings.
+
+    Values come from the per-subject records written by preprocessing. When a record lacks
+    ``patch_emph_fraction``, it is computed from the label patches (labelled voxels over the
+    patch's lung voxels, using ``patch_lung_fraction`` when the record has it, else over all
+    voxels); without label patches it is NaN. A missing ``patch_lobe`` is 0 (unknown).
+
+    Args:
+        store: a ``PatchStore``.
+        subjects: optional subject indices; default all.
+
+    Returns:
+        dict of (N, L) arrays: ``emph_fraction`` (float, NaN unknown), ``lobe`` (int, 0 unknown),
+        ``lung_fraction`` (float, NaN unknown), ``laa950`` (float %, NaN unknown), and
+        ``height`` (float, the location's atlas z corner, the same for every subject).
+    """
+    idx = list(range(store.num_subjects)) if subjects is None else [int(s) for s in subjects]
+    N, L = len(idx), store.num_locations
+    emph = np.full((N, L), np.nan)
+    lobe = np.zeros((N, L), dtype=np.int64)
+    lung = np.full((N, L), np.nan)
+    laa = np.full((N, L), np.nan)
+
+    def _list(rec, key, sid):
+        if rec.get(key) is None:
+            return None
+        arr = np.asarray(rec[key], dtype=np.float64)
+        if arr.shape != (L,):
+            raise ValueError(f"subject {sid}: record {key} has shape {arr.shape}, expected ({L},) "
+                             f"in {store.root / 'subjects' / (sid + '.json')}")
+        return arr
+
+    for row, s in enumerate(idx):
+        sid = store.sids[s]
+        rec = store.record(s)
+        lf = _list(rec, "patch_lung_fraction", sid)
+        if lf is not None:
+            lung[row] = lf
+        lb = _list(rec, "patch_lobe", sid)
+        if lb is not None:
+            lobe[row] = np.nan_to_num(lb).astype(np.int64)
+        la = _list(rec, "patch_laa950", sid)
+        if la is not None:
+            laa[row] = la
+        ef = _list(rec, "patch_emph_fraction", sid)
+        if ef is not None:
+            emph[row] = ef
+        else:
+            labels = store.label_patches(s)
+            if labels is not None:
+                labelled = (np.asarray(labels).reshape(L, -1) > 0).mean(axis=1)
+                denom = lung[row] if lf is not None else np.ones(L)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    emph[row] = np.where(denom > 0, np.clip(labelled / denom, 0, 1), np.nan)
+    height = np.broadcast_to(store.atlas_corners[:, 2].astype(np.float64), (N, L)).copy()
+    return {"emph_fraction": emph, "lobe": lobe, "lung_fraction": lung, "laa950": laa, "height": height}

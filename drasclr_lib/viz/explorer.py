@@ -219,7 +219,7 @@ class PatchExplorer:
         subject: the subject shown first (index or id; default the first).
         n_similar: how many most / least similar subjects to show.
         source: volume source, see :func:`load_subject_volume`.
-        table: optional per-patch facts (:func:`drasclr_lib.embed.patch_table`) shown in titles.
+        table: optional per-patch facts (:func:`drasclr_lib.data.patch_store.patch_table`) shown in titles.
 
     Raises:
         ValueError: when the embeddings and the store disagree (subjects or locations).

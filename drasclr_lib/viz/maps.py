@@ -110,7 +110,7 @@ def patch_maps(sets: Mapping[str, "EmbeddingSet"], table: Mapping[str, np.ndarra
     Args:
         sets: ``{"pretrained": EmbeddingSet, "random weights": EmbeddingSet, ...}`` with the same
             subjects and locations.
-        table: per-patch facts (:func:`drasclr_lib.embed.patch_table`), (N, L) arrays.
+        table: per-patch facts (:func:`drasclr_lib.data.patch_store.patch_table`), (N, L) arrays.
         max_points: random subset of patches (the same for every encoder).
         seed: seed of the subset and of UMAP.
         n_neighbors: UMAP neighbours.

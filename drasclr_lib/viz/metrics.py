@@ -10,7 +10,7 @@ model that never saw its subject, so a probe cannot succeed by recognising the s
   (alpha chosen by inner cross-validation) predicting a continuous target, e.g. a patch's
   emphysema fraction.
 - :func:`embedding_metrics`: both, for an :class:`~drasclr_lib.embed.EmbeddingSet` and the
-  per-patch facts of :func:`~drasclr_lib.embed.patch_table`.
+  per-patch facts of :func:`~drasclr_lib.data.patch_store.patch_table`.
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def embedding_metrics(emb, table: dict, *, max_patches: int | None = 20000, k: i
 
     Args:
         emb: :class:`~drasclr_lib.embed.EmbeddingSet` with ``h (N, L, D)``.
-        table: per-patch facts from :func:`~drasclr_lib.embed.patch_table`, (N, L) arrays in the
+        table: per-patch facts from :func:`~drasclr_lib.data.patch_store.patch_table`, (N, L) arrays in the
             subject order of ``emb``.
         max_patches: random subset of patches to score (k-NN is quadratic); ``None`` for all.
         k, n_splits, seed: see :func:`knn_accuracy`, :func:`ridge_cv_score`.

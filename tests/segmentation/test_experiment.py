@@ -11,7 +11,7 @@ import torch
 from drasclr_lib.data.patch_store import PatchStore, finalize_store, write_store_meta, write_subject
 from drasclr_lib.segmentation import experiment as ex
 from drasclr_lib.segmentation.train import SegConfig
-from tests.conftest import make_toy_store
+from drasclr_lib.data.toy import make_toy_store
 
 
 def test_subset_sizes():

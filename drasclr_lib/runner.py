@@ -7,7 +7,9 @@ the figures and ``metrics.json`` of each under ``$DRASCLR_OUT`` (default ``outpu
 Two parameter profiles:
 
 - ``small`` (default of ``make demo``): :data:`SMALL_PARAMS`, the CPU-sized settings the test
-  suite runs (16 subjects, a few dozen pretraining steps) — about 15-25 minutes on 2 cores.
+  suite runs (16 subjects, a few dozen pretraining steps) — about 15-25 minutes on 2 cores. They
+  live in ``drasclr_lib/notebook_params.json`` (package data, its notes under ``"_comment"``), read
+  here (:func:`load_profile`), by the notebook tests and by ``tools/explorer_check``; edit them there.
 - ``notebook``: each notebook's own defaults, i.e. the paper's settings (20 epochs, batch 128,
   queues of 4096, 3 seeds x 4 label fractions). Meant for a GPU and a cohort of hundreds of scans;
   on the small synthetic default a batch of 128 cannot be formed.
@@ -16,32 +18,45 @@ Two parameter profiles:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Mapping
 
-__all__ = ["SMALL_PARAMS", "list_notebooks", "execute_notebook", "run_notebooks", "main"]
+__all__ = ["SMALL_PARAMS", "PARAMS_FILE", "load_profile", "list_notebooks", "execute_notebook", "run_notebooks",
+           "main"]
 
 REPO_NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
-# Small papermill parameters for each notebook: what CI runs on 2 CPU cores, and `make demo`.
-# Each entry overrides the notebook's `parameters` cell.
-SMALL_PARAMS: dict[str, dict] = {
-    "00_synthetic_cohort": {"N_SUBJECTS": 16, "SEED": 0, "SIZE": "demo", "WORKERS": 2},
-    "01_preprocessing": {"DATA_MANIFEST": "synthetic", "ATLAS": "auto", "SEGMENT_LUNGS": True, "WORKERS": 2, "PAD": 30},
-    "02_pretraining": {"EPOCHS": 1, "BATCH_SIZE": 8, "LR": 1.6, "QUEUE_SIZE": 16, "WORKERS": 2, "MAX_STEPS": 40,
-                       "LOG_EVERY": 1, "DEVICE": "auto"},
-    "03_embeddings": {"UMAP_MAX_POINTS": 1500, "METRIC_MAX_PATCHES": 6000, "INTERACTIVE": False, "SEED": 0},
-    # the same pretraining budget as 02, so DrasCLR reuses 02's checkpoint and only the ablations train
-    "04_downstream": {"FOLDS": 4, "PCA_COMPONENTS": 4, "EPOCHS": 1, "MAX_STEPS": 40, "BATCH_SIZE": 8, "LR": 1.6,
-                      "QUEUE_SIZE": 16, "WORKERS": 2, "CALIBRATION_BATCHES": 8},
-    # batch 4 x 30 steps left every init near the "every lung voxel" rule (Dice ~0.2); 8 x 80 learns
-    "05_segmentation": {"FRACTIONS": "0.25,1.0", "SEEDS": 1, "STEPS": 80, "BATCH_SIZE": 8, "EVAL_PATCHES": 24,
-                        "REAL_SCAN": True, "DEVICE": "auto"},
-}
+PARAMS_FILE = Path(__file__).resolve().parent / "notebook_params.json"
 
+
+def load_profile(name: str = "small", path: str | os.PathLike = PARAMS_FILE) -> dict[str, dict]:
+    """One parameter profile of ``notebook_params.json``: notebook stem -> papermill parameters.
+
+    The file maps profile -> stem -> parameters; its top-level ``"_comment"`` holds the notes (JSON
+    carries no comments) and is not a profile.
+
+    Args:
+        name: the profile (``"small"``).
+        path: the JSON file of profiles (default: the one shipped with the package).
+
+    Returns:
+        ``{stem: {PARAMETER: value}}``, each entry overriding that notebook's ``parameters`` cell.
+
+    Raises:
+        KeyError: when the file has no profile ``name``.
+    """
+    profiles = {k: v for k, v in json.loads(Path(path).read_text()).items() if not k.startswith("_")}
+    if name not in profiles:
+        raise KeyError(f"no parameter profile {name!r} in {path} (profiles: {sorted(profiles)})")
+    return profiles[name]
+
+
+# Small papermill parameters for each notebook: what CI runs on 2 CPU cores, and `make demo`.
+SMALL_PARAMS: dict[str, dict] = load_profile("small")
 
 
 def list_notebooks(nb_dir: str | os.PathLike = REPO_NOTEBOOKS) -> list[Path]:

@@ -1,5 +1,8 @@
 """The notebooks' test parameters are the library's small profile (also what `make demo` runs),
-so CI checks exactly the settings a newcomer's first run uses."""
+so CI checks exactly the settings a newcomer's first run uses. They live in
+``drasclr_lib/notebook_params.json`` (read by :func:`drasclr_lib.runner.load_profile`); change them there."""
+
+from __future__ import annotations
 
 from drasclr_lib.runner import SMALL_PARAMS
 

@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from drasclr_lib.downstream.ablations import prepare_embeddings
     from drasclr_lib.downstream.experiment import METHOD_LABELS, run_downstream
     from drasclr_lib.preprocess.cohort import preprocess_cohort
-    from drasclr_lib.train import PretrainConfig
+    from drasclr_lib.training import PretrainConfig
     from drasclr_lib.utils import atomic_path, save_json
 
     work = Path(args.work) / f"n{args.n_subjects}_seed{args.cohort_seed}_{args.size}"

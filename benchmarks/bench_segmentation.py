@@ -5,7 +5,7 @@ Stages (each resumable; a rerun skips what is done):
 1. a synthetic cohort (``make_cohort``, ``--n-subjects`` subjects, ``--cohort-seed``);
 2. its patch store (``preprocess_cohort``, atlas built from the cohort);
 3. a DrasCLR pretraining run (``--pretrain-steps`` steps of batch ``--pretrain-batch``) and a
-   plain-MoCo run with the same budget (``drasclr_lib.downstream.ablations.ensure_checkpoint``);
+   plain-MoCo run with the same budget (``drasclr_lib.training.runs.ensure_checkpoint``);
 4. fine-tuning from random weights, MoCo and DrasCLR with 5 %, 10 %, 25 % and 100 % of the
    labelled training subjects over ``--seeds`` seeds (``label_efficiency``, runs cached), each
    model scored on the held-out subjects inside their lung masks, like the rules it is compared with;
@@ -65,11 +65,11 @@ def main(argv=None) -> int:
         args.n_subjects, args.pretrain_steps, args.steps, args.seeds, args.fractions = 8, 20, 10, 1, "0.25,1.0"
 
     from drasclr_lib.data.synthetic import make_cohort
-    from drasclr_lib.downstream.ablations import ensure_checkpoint
+    from drasclr_lib.training.runs import ensure_checkpoint
     from drasclr_lib.preprocess.cohort import preprocess_cohort
     from drasclr_lib.segmentation import SegConfig
     from drasclr_lib.segmentation import experiment as ex
-    from drasclr_lib.train import PretrainConfig, pretrain
+    from drasclr_lib.training import PretrainConfig, pretrain
     from drasclr_lib.utils import save_json
 
     work, results = Path(args.work), Path(args.results)

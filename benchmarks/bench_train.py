@@ -1,9 +1,10 @@
 """Full DrasCLR training step vs data loading, samples/s, side by side in one run.
 
-* **model**: the whole training step of ``drasclr_lib.train`` on batches already in memory:
+* **model**: the training step of the loop (``drasclr_lib.training.loop.train_step``) on batches already in memory:
   ``DrasCLR`` forward (query encoder on the anchors and on their k neighbours, momentum update,
-  key encoder with split-batch BatchNorm, local + neighbour InfoNCE, enqueue), backward, SGD step.
-  One sample = one anchor (with its two views and its neighbours).
+  key encoder with split-batch BatchNorm, local + neighbour InfoNCE with the own-subject mask,
+  enqueue), backward, SGD step; mixed precision on CUDA, as the loop's default. One sample = one
+  anchor (with its two views and its neighbours).
 * **data**: what the training loop's ``DataLoader`` delivers: ``LocationBatchSampler`` +
   ``PatchPairDataset`` (memory-mapped reads, HU -> input, augmentation of the two anchor views and
   the neighbours) with ``--workers`` worker processes; once with the batched torch augmentation
@@ -41,6 +42,7 @@ from drasclr_lib.augment import build_augment  # noqa: E402
 from drasclr_lib.data.patch_store import PatchStore  # noqa: E402
 from drasclr_lib.models import DrasCLR, DrasEncoder  # noqa: E402
 from drasclr_lib.training.data import LocationBatchSampler, PatchPairDataset  # noqa: E402
+from drasclr_lib.training.loop import train_step  # noqa: E402
 from drasclr_lib.utils import resolve_device, save_json  # noqa: E402
 
 
@@ -50,6 +52,8 @@ def bench_model(store: PatchStore, batch: int, steps: int, warmup: int, device: 
     torch.manual_seed(0)
     model = DrasCLR(DrasEncoder(), num_locations=store.num_locations, queue_size=batch * 2).to(device).train()
     opt = torch.optim.SGD(model.encoder_q.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
+    amp = device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
     ds = PatchPairDataset(store, num_neighbors=num_neighbors, augment="agc", seed=0)
     sampler = LocationBatchSampler(store.num_subjects, store.num_locations, batch, seed=0)
     batches = []
@@ -57,14 +61,11 @@ def bench_model(store: PatchStore, batch: int, steps: int, warmup: int, device: 
         if i == 2:
             break
         items = [ds[k] for k in idx]
-        batches.append({k: torch.stack([it[k] for it in items]).to(device) for k in items[0]})
+        drop = () if num_neighbors else ("x_nbr", "nbr_locs")  # no neighbour views: no neighbour loss
+        batches.append({k: torch.stack([it[k] for it in items]).to(device) for k in items[0] if k not in drop})
 
     def step(b):
-        res = model(b["x_q"], b["x_k"], b["loc_idx"], b["loc"], x_nbr=b["x_nbr"] if num_neighbors else None,
-                    nbr_locs=b["nbr_locs"] if num_neighbors else None)
-        opt.zero_grad(set_to_none=True)
-        res["loss"].backward()
-        opt.step()
+        train_step(model, opt, scaler, b, amp=amp)
 
     for i in range(warmup):
         step(batches[i % 2])

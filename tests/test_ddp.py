@@ -24,7 +24,7 @@ def _worker(rank: int, world: int, port: int, store: str, out: str, result_dir: 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from drasclr_lib.train import PretrainConfig
+    from drasclr_lib.training import PretrainConfig
     from drasclr_lib.training.loop import pretrain_model
 
     cfg = PretrainConfig(**{**dict(store=store, out_dir=out, epochs=1, batch_size=2, queue_size=12, workers=0,

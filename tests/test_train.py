@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from drasclr_lib.train import PretrainConfig, cli_main, cosine_factor, effective_lr, effective_queue_size, pretrain
+from drasclr_lib.training import PretrainConfig, cli_main, cosine_factor, effective_lr, effective_queue_size, pretrain
 from drasclr_lib.training.checkpoint import HISTORY_COLUMNS, load_checkpoint
 from drasclr_lib.training.loop import pretrain_model
 from drasclr_lib.data.toy import make_toy_store

@@ -267,7 +267,7 @@ def load_encoder(path, *, map_location="cpu", conditional: bool | None = None, s
     * the published DrasCLR checkpoint ``{'epoch', 'arch', 'state_dict': {'module.encoder_q.…',
       'module.encoder_k.…', 'module.queue', 'module.queue_ptr'}, 'optimizer'}``;
     * this project's checkpoint ``{'state_dict': {'encoder_q.…', 'encoder_k.…', 'queue', …},
-      'config': {...}, …}`` (``drasclr_lib.train``);
+      'config': {...}, …}`` (``drasclr_lib.training``);
     * a bare encoder state dict (optionally ``module.``-prefixed).
 
     The architecture (conditional or not, experts, ``rep_dim``, ``proj_dim``) is read from the

@@ -11,6 +11,8 @@ and settings); it is trained once and its row is repeated.
 Baselines that need no training (:func:`baseline_dice`) bound what a broken pipeline reaches:
 predicting background everywhere, every lung voxel as emphysema, or the classic density rule
 (lung voxels below -950 HU).
+
+(About 360 lines, kept in one module: notebook 05 calls every step of the experiment as ``ex.<name>``.)
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def ensure_moco_checkpoint(*, drasclr_run: str | Path | None, store: str | Path,
     """A plain-MoCo checkpoint with the DrasCLR run's budget: reused when one exists, else trained.
 
     The budget (epochs, steps, batch, queue, lr, seed ...) is the DrasCLR run's ``config.json``
-    (notebook 02) with the MoCo flags of :data:`drasclr_lib.downstream.ablations.ABLATION_FLAGS`
+    (notebook 02) with the MoCo flags of :data:`drasclr_lib.training.runs.ABLATION_FLAGS`
     (plain convolutions, no neighbour loss), so the two initialisations are compared at equal
     cost. Without that run, ``PretrainConfig(store=store, epochs=1, max_steps=max_steps, batch_size=8,
     queue_size=64, workers=0)``.
@@ -93,8 +95,8 @@ def ensure_moco_checkpoint(*, drasclr_run: str | Path | None, store: str | Path,
     Returns:
         ``(checkpoint path, how)``: how it was obtained (``"cached"``, ``"trained"``, ``"reused ..."``).
     """
-    from drasclr_lib.downstream.ablations import config_digest, ensure_checkpoint, method_config
-    from drasclr_lib.train import PretrainConfig
+    from drasclr_lib.training import PretrainConfig
+    from drasclr_lib.training.runs import CHECKPOINT, ensure_checkpoint, find_finished, finished_runs, method_config
     from drasclr_lib.utils import load_json
 
     cfg_path = Path(drasclr_run) / "config.json" if drasclr_run else None
@@ -105,17 +107,13 @@ def ensure_moco_checkpoint(*, drasclr_run: str | Path | None, store: str | Path,
     else:
         base = PretrainConfig(store=str(store), epochs=1, max_steps=int(max_steps), batch_size=8, queue_size=64,
                               workers=0, progress=progress, tensorboard=False)
-    for root in reuse_roots:
-        cfg = method_config("moco", base, root)
-        done = Path(cfg.out_dir) / "done.json"
-        if done.exists() and (Path(cfg.out_dir) / "checkpoint.pt").exists() and \
-                load_json(done).get("digest") == config_digest(cfg):
-            return Path(cfg.out_dir) / "checkpoint.pt", f"reused {cfg.out_dir} (same budget)"
-    if any_budget:
-        for root in reuse_roots:
-            for done in sorted(Path(root).glob("ckpt_moco_*/done.json")):
-                if (done.parent / "checkpoint.pt").exists():
-                    return done.parent / "checkpoint.pt", f"reused {done.parent} (its own budget, see its config.json)"
+    found = find_finished(method_config("moco", base, out_root),
+                          [method_config("moco", base, root).out_dir for root in reuse_roots])
+    if found is not None:
+        return found / CHECKPOINT, f"reused {found} (same budget)"
+    others = [folder for root in reuse_roots for folder in finished_runs(root, "moco")] if any_budget else []
+    if others:
+        return others[0] / CHECKPOINT, f"reused {others[0]} (its own budget, see its config.json)"
     return ensure_checkpoint("moco", base, out_root)
 
 

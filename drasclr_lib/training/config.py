@@ -1,22 +1,36 @@
-"""The pretraining configuration (one dataclass, saved next to every checkpoint)."""
+"""The pretraining configuration (one dataclass, saved next to every checkpoint).
+
+Also the two lists of its fields that identify a run: :data:`RESUME_KEYS` (what the run trains:
+must match to resume a checkpoint or to count as the same run) and :data:`BUDGET_KEYS` (those plus
+where it stops: the budget that :mod:`drasclr_lib.training.runs` hashes into a run's identity).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from drasclr_lib.augment import parse_augment_spec
+from drasclr_lib.utils import output_dir
 
-__all__ = ["PretrainConfig", "effective_queue_size", "effective_lr", "REFERENCE_BATCH"]
+__all__ = ["PretrainConfig", "effective_queue_size", "effective_lr", "REFERENCE_BATCH", "RESUME_KEYS", "BUDGET_KEYS",
+           "AUGMENT_ON"]
 
 #: Batch size the published learning rate belongs to (lr 0.01 at batch 128).
 REFERENCE_BATCH = 128
 
-# fields that must match to resume a run (the others, e.g. max_steps or workers, may change)
+#: Fields that define what a run trains: they must match to resume a run (the others, e.g.
+#: ``max_steps``, ``workers`` or ``device``, may change).
 RESUME_KEYS = ("epochs", "batch_size", "lr", "scale_lr", "momentum", "weight_decay", "queue_size", "moco_momentum",
                "temperature", "num_neighbors", "neighbor_weight", "conditional", "num_experts", "rep_dim",
                "proj_dim", "augment", "seed", "split_bn", "exclude_self_negatives")
+#: The budget of a run: :data:`RESUME_KEYS` and where it stops. Two configs with the same budget
+#: (and store) train the same model (see :func:`drasclr_lib.training.runs.config_digest`).
+BUDGET_KEYS = (*RESUME_KEYS, "max_steps")
+#: Where the views are augmented (``PretrainConfig.augment_on``).
+AUGMENT_ON = ("auto", "workers", "device")
 
 
 @dataclass
@@ -125,8 +139,9 @@ class PretrainConfig:
                 raise ValueError(f"PretrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.max_steps is not None and int(self.max_steps) < 1:
             raise ValueError(f"PretrainConfig.max_steps must be >= 1 or None, got {self.max_steps}")
-        if self.augment_on not in {"auto", "workers", "device"}:
-            raise ValueError(f"PretrainConfig.augment_on must be 'auto', 'workers' or 'device', got {self.augment_on!r}")
+        if self.augment_on not in AUGMENT_ON:
+            raise ValueError("PretrainConfig.augment_on must be 'auto', 'workers' or 'device', "
+                             f"got {self.augment_on!r}")
         parse_augment_spec(self.augment)
 
     def to_dict(self) -> dict:
@@ -145,6 +160,14 @@ class PretrainConfig:
     def replace(self, **changes) -> "PretrainConfig":
         """A copy with some fields changed (validated)."""
         return dataclasses.replace(self, **changes)
+
+    def out_path(self) -> Path:
+        """The run folder: ``out_dir``, or ``output_dir("02_pretraining")`` when it is empty."""
+        return Path(self.out_dir) if self.out_dir else output_dir("02_pretraining")
+
+    def stop_step(self, total_steps: int) -> int:
+        """The step the run stops at: ``total_steps`` of the schedule, or ``max_steps`` when smaller."""
+        return min(total_steps, self.max_steps) if self.max_steps else total_steps
 
 
 def effective_lr(cfg: PretrainConfig, world_size: int = 1) -> float:

@@ -8,6 +8,10 @@ weight decay on the query encoder, learning rate on a per-step cosine schedule.
 Resuming restores the model (query and key encoders, queues and pointers), the optimiser, the
 schedule, the gradient scaler, every RNG state, the sampler position and the partial logging
 window; with ``workers=0`` on the CPU a resumed run reproduces the uninterrupted one exactly.
+
+:func:`train_step` is the optimisation step alone (forward, backward, SGD), also timed by
+``benchmarks/bench_train.py``; reusing a finished run instead of training is
+:mod:`drasclr_lib.training.runs`.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from drasclr_lib.training.config import RESUME_KEYS, PretrainConfig, effective_l
 from drasclr_lib.training.data import LocationBatchSampler, PatchPairDataset
 from drasclr_lib.utils import output_dir, resolve_device, save_json, seed_everything
 
-__all__ = ["pretrain", "pretrain_model", "pretrain_or_reuse", "cosine_factor"]
+__all__ = ["pretrain", "pretrain_model", "train_step", "cosine_factor"]
 
 _METRICS = ("loss", "loss_local", "loss_neighbor", "acc1")  # means over a logging window
 _COUNTS = ("self_negatives", "masked_negatives")  # sums over a logging window and over processes
@@ -118,31 +122,6 @@ def pretrain(cfg: PretrainConfig) -> Path:
     return pretrain_model(cfg)[0]
 
 
-def pretrain_or_reuse(cfg: PretrainConfig, *, force: bool = False) -> tuple[Path, bool]:
-    """Train unless ``out_dir/checkpoint.pt`` already holds the finished run of this config.
-
-    A checkpoint of the same settings that stopped early (interrupted) is resumed; one with other
-    settings, or any checkpoint when ``force``, is replaced by a new run.
-
-    Returns:
-        ``(checkpoint_path, trained)``; ``trained`` is False when the existing run was reused.
-    """
-    path = (Path(cfg.out_dir) if cfg.out_dir else output_dir("02_pretraining")) / "checkpoint.pt"
-    if path.exists() and not force:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            old, run = ckpt["config"], ckpt["run"]
-            same = all(old.get(k) == getattr(cfg, k) for k in RESUME_KEYS)
-            stop = min(run["total_steps"], cfg.max_steps) if cfg.max_steps else run["total_steps"]
-        except Exception:  # noqa: BLE001 - unreadable or foreign file: train anew
-            same, stop, ckpt = False, 0, {"step": -1}
-        if same and int(ckpt["step"]) == stop:
-            return path, False
-        if same and int(ckpt["step"]) < stop:
-            return pretrain(cfg.replace(resume=True)), True
-    return pretrain(cfg.replace(resume=False)), True
-
-
 def pretrain_model(cfg: PretrainConfig):
     """:func:`pretrain`, also returning this process's trained ``DrasCLR`` (in train mode).
 
@@ -158,9 +137,83 @@ def pretrain_model(cfg: PretrainConfig):
             dist.destroy_process_group()
 
 
+def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, batch: dict,
+               *, amp: bool = False) -> dict:
+    """One optimisation step: ``DrasCLR`` forward (momentum update and enqueue included), backward, SGD step.
+
+    Args:
+        net: a ``DrasCLR`` in train mode (or its ``DistributedDataParallel`` wrapper).
+        optimizer: the optimiser of the query encoder's parameters.
+        scaler: gradient scaler (``torch.amp.GradScaler("cuda", enabled=amp)``; disabled it is a no-op).
+        batch: the step's tensors on the training device, views already augmented: ``x_q``, ``x_k``
+            (B, 1, P, P, P) float32 in [-1, 1], ``loc_idx`` (B,) int64 (one location), ``loc`` (B, 3) in
+            [-1, 1], optional ``subject`` (B,) int64 (masks an anchor's own subject out of its
+            negatives), optional ``x_nbr`` (B, k, 1, P, P, P) and ``nbr_locs`` (B, k, 3) (the
+            neighbour loss; absent or None: none).
+        amp: float16 autocast (CUDA only).
+
+    Returns:
+        The model's output: ``loss``, ``loss_local``, ``loss_neighbor``, ``acc1``, ``self_negatives``,
+        ``masked_negatives``...
+
+    Raises:
+        FloatingPointError: when the loss is NaN or infinite (names the location); no step is taken.
+    """
+    with torch.autocast("cuda", dtype=torch.float16) if amp else nullcontext():
+        res = net(batch["x_q"], batch["x_k"], batch["loc_idx"], batch["loc"], x_nbr=batch.get("x_nbr"),
+                  nbr_locs=batch.get("nbr_locs"), subjects=batch.get("subject"))
+    loss = res["loss"]
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()} (location {int(batch['loc_idx'][0])}); "
+                                 "lower the learning rate or disable amp")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return res
+
+
+def _on_device(batch: dict, device: torch.device, nbr: bool) -> dict:
+    """The loader's batch on the training device (neighbour views only when the neighbour loss is on)."""
+    return {"x_q": batch["x_q"].to(device, non_blocking=True), "x_k": batch["x_k"].to(device, non_blocking=True),
+            "x_nbr": batch["x_nbr"].to(device, non_blocking=True) if nbr else None, "loc": batch["loc"].to(device),
+            "subject": batch["subject"].to(device), "loc_idx": batch["loc_idx"].to(device),
+            "nbr_locs": batch["nbr_locs"].to(device) if nbr else None}
+
+
+def _step_metrics(res: dict, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's ``_METRICS`` (means over processes) and ``_COUNTS`` (sums over processes), float64."""
+    vals = torch.tensor([float(res[k].detach() if torch.is_tensor(res[k]) else res[k])
+                         if res.get(k) is not None else 0.0 for k in _METRICS], dtype=torch.float64)
+    counts = torch.tensor([int(res[k]) for k in _COUNTS], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(vals)
+        vals /= world
+        dist.all_reduce(counts)
+    return vals, counts
+
+
+def _restore(ckpt_path: Path, cfg: PretrainConfig, run: dict, model, optimizer, scheduler, scaler,
+             use_amp: bool) -> tuple[int, list, dict, float]:
+    """Load ``ckpt_path`` into the model, optimiser, schedule, scaler and RNGs; ``(step, history, window, seconds)``."""
+    ckpt = load_checkpoint(ckpt_path, map_location="cpu")
+    _check_resume(ckpt, cfg, run, ckpt_path)
+    model.load_state_dict(ckpt["state_dict"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if "scaler" in ckpt and use_amp:
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])
+    if "queue_subject" not in ckpt["state_dict"]:
+        warnings.warn(f"{ckpt_path} predates per-entry subject indices: the queues resume with no subject "
+                      "known, so the first queue turn of each location is not masked", stacklevel=4)
+    return (int(ckpt["step"]), list(ckpt.get("history", [])), {**_new_window(), **ckpt.get("log_window", {})},
+            float(ckpt.get("seconds", 0.0)))
+
+
 def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device):
     store = PatchStore(cfg.store or output_dir("patch_store"))
-    out = Path(cfg.out_dir) if cfg.out_dir else output_dir("02_pretraining")
+    out = cfg.out_path()
     ckpt_path = out / "checkpoint.pt"
     is_main = rank == 0
     if is_main:
@@ -179,7 +232,7 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device):
                                    rank=rank, world_size=world)
     steps_per_epoch = sampler.batches_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
-    stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    stop_step = cfg.stop_step(total_steps)
     on_device = cfg.augment_on == "device" or (cfg.augment_on == "auto" and device.type == "cuda")
     run = {"world_size": world, "num_subjects": n_sub, "num_locations": n_loc, "queue_size": queue,
            "lr": lr0, "global_batch": global_batch, "steps_per_epoch": steps_per_epoch,
@@ -197,20 +250,7 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device):
     elapsed = 0.0
 
     if cfg.resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location="cpu")
-        _check_resume(ckpt, cfg, run, ckpt_path)
-        model.load_state_dict(ckpt["state_dict"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if "scaler" in ckpt and use_amp:
-            scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
-        step, history = int(ckpt["step"]), list(ckpt.get("history", []))
-        window = {**_new_window(), **ckpt.get("log_window", {})}
-        if "queue_subject" not in ckpt["state_dict"]:
-            warnings.warn(f"{ckpt_path} predates per-entry subject indices: the queues resume with no subject "
-                          "known, so the first queue turn of each location is not masked", stacklevel=3)
-        elapsed = float(ckpt.get("seconds", 0.0))
+        step, history, window, elapsed = _restore(ckpt_path, cfg, run, model, optimizer, scheduler, scaler, use_amp)
         if is_main:
             print(f"resuming {ckpt_path} at step {step} of {stop_step}")
     elif cfg.resume and is_main:
@@ -248,7 +288,6 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device):
 
     bar = tqdm(total=stop_step, initial=step, desc="pretrain", unit="step", disable=not (is_main and cfg.progress),
                dynamic_ncols=True)
-    amp_ctx = (lambda: torch.autocast("cuda", dtype=torch.float16)) if use_amp else nullcontext
     model.train()
     nbr = cfg.num_neighbors > 0 and cfg.neighbor_weight > 0
     last_saved = step
@@ -260,37 +299,19 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device):
                             generator=torch.Generator().manual_seed(cfg.seed + epoch))  # keeps the global RNG untouched
         t0 = time.perf_counter()
         for batch in loader:
-            x_q, x_k = batch["x_q"].to(device, non_blocking=True), batch["x_k"].to(device, non_blocking=True)
-            x_n = batch["x_nbr"].to(device, non_blocking=True) if nbr else None
+            batch = _on_device(batch, device, nbr)
             if device_aug is not None:  # batched; q, k independent, one shared transform per anchor's neighbours
                 gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, step, rank]).generate_state(1)[0]))
-                x_q, x_k, x_n = PatchPairDataset.augment_views(device_aug, x_q, x_k, x_n, generator=gen)
-            locs = batch["loc"].to(device)
-            subjects = batch["subject"].to(device)
-            loc_idx = batch["loc_idx"].to(device)
-            nbr_locs = batch["nbr_locs"].to(device) if nbr else None
+                batch["x_q"], batch["x_k"], batch["x_nbr"] = PatchPairDataset.augment_views(
+                    device_aug, batch["x_q"], batch["x_k"], batch["x_nbr"], generator=gen)
             lr_now = scheduler.get_last_lr()[0]
-            with amp_ctx():
-                res = net(x_q, x_k, loc_idx, locs, x_nbr=x_n, nbr_locs=nbr_locs, subjects=subjects)
-            loss = res["loss"]
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step} (epoch {epoch}, location "
-                                         f"{int(loc_idx[0])}); lower the learning rate or disable amp")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            try:
+                res = train_step(net, optimizer, scaler, batch, amp=use_amp)
+            except FloatingPointError as exc:
+                raise FloatingPointError(f"step {step} (epoch {epoch}): {exc}") from None
             scheduler.step()
             step += 1
-
-            vals = torch.tensor([float(res[k].detach() if torch.is_tensor(res[k]) else res[k]) if res.get(k) is not None else 0.0
-                                 for k in _METRICS],
-                                dtype=torch.float64)
-            counts = torch.tensor([int(res[k]) for k in _COUNTS], dtype=torch.float64)
-            if world > 1:
-                dist.all_reduce(vals)
-                vals /= world
-                dist.all_reduce(counts)
+            vals, counts = _step_metrics(res, world)
             window["n"] += 1
             for k, v in zip(_METRICS + _COUNTS, vals.tolist() + counts.tolist()):
                 window[k] += v

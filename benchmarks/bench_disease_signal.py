@@ -45,9 +45,9 @@ def main(argv=None) -> int:
 
     from drasclr_lib.data.patch_store import PatchStore
     from drasclr_lib.data.patch_store import patch_table
-    from drasclr_lib.embed import EmbeddingSet, embed_cohort, random_encoder
-    from drasclr_lib.models import load_encoder
-    from drasclr_lib.train import PretrainConfig, pretrain
+    from drasclr_lib.embed import EmbeddingSet, embed_cohort
+    from drasclr_lib.models import load_encoder, random_encoder
+    from drasclr_lib.training import PretrainConfig, pretrain
     from drasclr_lib.utils import save_json
     from drasclr_lib.viz.metrics import embedding_metrics, patch_intensity_features
 
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     if args.store:
         store_dir = Path(args.store)
     else:
-        from drasclr_lib.data.manifest import read_manifest
+        from drasclr_lib.data.sources import read_manifest
         from drasclr_lib.data.synthetic import make_cohort
         from drasclr_lib.preprocess.cohort import preprocess_cohort
 

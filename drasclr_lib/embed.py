@@ -4,21 +4,15 @@
 ``h (N, L, D)``; batches hold **one location across subjects**, so every conditional convolution
 of a batch uses a single mixed kernel (the fast path). :func:`embed_subject` embeds one new scan,
 whose batches mix locations. :func:`pool_subjects` reduces patch embeddings to one vector per
-subject and :func:`random_encoder` gives the random-weight baseline. (The per-patch facts the maps
-and metrics colour by are :func:`drasclr_lib.data.patch_store.patch_table`.)
-
-Command line::
-
-    drasclr embed --store outputs/patch_store --checkpoint outputs/02_pretraining/checkpoint.pt \\
-        --out outputs/03_embeddings/embeddings.npz
+subject. (The random-weight baseline encoder is :func:`drasclr_lib.models.random_encoder`, the
+per-patch facts the maps and metrics colour by are :func:`drasclr_lib.data.patch_store.patch_table`,
+and the ``drasclr embed`` command is :mod:`drasclr_lib.embed_cli`.)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,9 +27,6 @@ __all__ = [
     "embed_cohort",
     "embed_subject",
     "pool_subjects",
-    "random_encoder",
-    "calibrate_batchnorm",
-    "cli_main",
 ]
 
 
@@ -126,96 +117,7 @@ class EmbeddingSet:
                        meta=json.loads(str(z["meta"])))
 
 
-# -- encoders ---------------------------------------------------------------------------------
-def random_encoder(seed: int = 0, *, store=None, calibration_batches: int = 64, batch_size: int = 32,
-                   device: str = "auto", **kwargs):
-    """A ``DrasEncoder`` with random (initial) weights: the baseline that shows what pretraining adds.
-
-    A freshly built encoder in eval mode normalises with BatchNorm's initial running statistics
-    (mean 0, variance 1), which do not match its activations: with the published initialisation
-    the signal shrinks layer after layer and ``h`` is nearly constant (about 1e-10 variation
-    between subjects), a baseline no probe can read. Given ``store``, the running statistics are
-    therefore calibrated on data first (:func:`calibrate_batchnorm`): the weights stay random, the
-    normalisation is the one the network would have on these patches, as a pretrained encoder's is.
-
-    The global torch and NumPy RNGs are left untouched; the same seed always gives the same encoder.
-
-    Args:
-        seed: seed of the weight initialisation and of the calibration sample.
-        store: a ``PatchStore`` to calibrate BatchNorm on (recommended); ``None`` keeps the
-            initial statistics.
-        calibration_batches, batch_size: size of the calibration sample (batches of one location).
-        device: where calibration runs.
-        **kwargs: passed to ``DrasEncoder`` (``rep_dim``, ``num_experts``, ``conditional``...).
-
-    Returns:
-        The encoder in eval mode.
-    """
-    import torch
-
-    from drasclr_lib.models import DrasEncoder
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        enc = DrasEncoder(**kwargs)
-    if store is not None:
-        calibrate_batchnorm(enc, store, num_batches=calibration_batches, batch_size=batch_size, seed=seed,
-                            device=device)
-    return enc.eval()
-
-
-def calibrate_batchnorm(encoder, store, *, num_batches: int = 64, batch_size: int = 32, seed: int = 0,
-                        device: str = "auto"):
-    """Set the BatchNorm running statistics of ``encoder`` to averages over patches of ``store``.
-
-    Each batch holds one random location across random subjects (as in pretraining); the running
-    mean and variance become the plain average of the batch statistics (``momentum=None``). Only
-    BatchNorm buffers change; the weights do not.
-
-    Args:
-        encoder: a ``DrasEncoder``.
-        store: a ``PatchStore``.
-        num_batches: number of calibration batches.
-        batch_size: subjects per batch (capped by the store's subject count).
-        seed: seed of the sample of (location, subjects).
-        device: where the forward passes run.
-
-    Returns:
-        The encoder, in eval mode.
-
-    Raises:
-        ValueError: for non-positive sizes or an empty store.
-    """
-    import torch
-    from torch import nn
-
-    if num_batches < 1 or batch_size < 1:
-        raise ValueError(f"num_batches and batch_size must be positive, got {num_batches}, {batch_size}")
-    if store.num_subjects == 0:
-        raise ValueError(f"no subjects in {store.root} to calibrate BatchNorm on")
-    dev = _encoder_device(encoder, device)
-    bns = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [m.momentum for m in bns]
-    rng = np.random.default_rng(seed)
-    b = min(batch_size, store.num_subjects)
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average of the batch statistics
-    encoder.train()
-    try:
-        with torch.no_grad():
-            for _ in range(num_batches):
-                loc = int(rng.integers(store.num_locations))
-                subjects = np.sort(rng.choice(store.num_subjects, size=b, replace=False))
-                x = torch.from_numpy(hu_to_input(store.location_batch(subjects, loc)))[:, None].to(dev)
-                encoder(x, torch.as_tensor(store.locs[loc], device=dev).expand(b, 3))
-    finally:
-        for m, mom in zip(bns, momenta):
-            m.momentum = mom
-        encoder.eval()
-    return encoder
-
-
+# -- embedding --------------------------------------------------------------------------------
 def _h_of(encoder, x, loc):
     out = encoder(x, loc)
     h = out[1] if isinstance(out, (tuple, list)) else out
@@ -393,61 +295,3 @@ def pool_subjects(h: np.ndarray, method: str = "mean") -> np.ndarray:
     if method == "meanmax":
         return np.concatenate([h.mean(axis=1), h.max(axis=1)], axis=1)
     raise ValueError(f"unknown pooling method {method!r}; use 'mean' or 'meanmax'")
-
-
-# -- command line -----------------------------------------------------------------------------
-def cli_main(argv: list[str] | None = None) -> int:
-    """``drasclr embed --store DIR --checkpoint FILE --out FILE.npz [--batch-size B] [--device D]``.
-
-    ``--checkpoint random`` embeds with a random-weight encoder (``--seed``) instead, the baseline
-    of notebook 03: its BatchNorm running statistics are calibrated on the store first
-    (:func:`random_encoder` with ``store=``; ``--calibration-batches`` batches of
-    ``--calibration-batch-size`` subjects of one location, defaults 64 and 32 as in the notebook),
-    since the initial statistics give every patch nearly the same embedding.
-    ``--calibration-batches 0`` keeps the initial statistics (not a useful baseline).
-    """
-    ap = argparse.ArgumentParser(prog="drasclr embed", description="Embed every patch of a patch store.")
-    ap.add_argument("--store", required=True, help="patch store folder (notebook 01 / drasclr preprocess)")
-    ap.add_argument("--checkpoint", required=True, help="checkpoint.pt of pretraining, a published checkpoint, or 'random'")
-    ap.add_argument("--out", required=True, help="output .npz file")
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--seed", type=int, default=0, help="weights seed of --checkpoint random")
-    ap.add_argument("--calibration-batches", type=int, default=64,
-                    help="--checkpoint random: batches to calibrate BatchNorm on (default 64; 0 keeps the "
-                         "initial statistics, which make every embedding nearly the same)")
-    ap.add_argument("--calibration-batch-size", type=int, default=32,
-                    help="--checkpoint random: subjects per calibration batch (default 32)")
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-
-    from drasclr_lib.data.patch_store import PatchStore
-
-    if args.calibration_batches < 0 or args.calibration_batch_size < 1:
-        print("drasclr embed: --calibration-batches must be >= 0 and --calibration-batch-size >= 1", file=sys.stderr)
-        return 2
-    store = PatchStore(args.store)
-    if args.checkpoint == "random":
-        calibrate = args.calibration_batches > 0
-        encoder = random_encoder(args.seed, store=store if calibrate else None,
-                                 calibration_batches=max(args.calibration_batches, 1),
-                                 batch_size=args.calibration_batch_size, device=args.device)
-        meta = {"checkpoint": "random", "seed": args.seed, "batchnorm_calibrated": calibrate,
-                "calibration_batches": args.calibration_batches if calibrate else 0,
-                "calibration_batch_size": min(args.calibration_batch_size, store.num_subjects) if calibrate else 0}
-    else:
-        from drasclr_lib.models import load_encoder
-
-        if not Path(args.checkpoint).exists():
-            print(f"drasclr embed: checkpoint {args.checkpoint} does not exist", file=sys.stderr)
-            return 2
-        encoder, meta = load_encoder(args.checkpoint), {"checkpoint": str(Path(args.checkpoint).resolve())}
-    emb = embed_cohort(encoder, store, batch_size=args.batch_size, device=args.device,
-                       progress=not args.no_progress, meta=meta)
-    emb.save(args.out)
-    print(f"{emb!r} -> {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(cli_main())

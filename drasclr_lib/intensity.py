@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 __all__ = ["HU_MIN", "HU_MAX", "hu_to_input"]
@@ -19,13 +21,9 @@ def hu_to_input(patches_hu):
     Returns:
         float32 array/tensor of the same shape, in [-1, 1] (a tensor stays on its device).
     """
-    try:
-        import torch
-
-        if isinstance(patches_hu, torch.Tensor):
-            x = patches_hu.to(torch.float32).clamp(HU_MIN, HU_MAX)
-            return (x + 1024.0) / 632.0 - 1.0
-    except ImportError:  # pragma: no cover
-        pass
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported; NumPy callers skip loading it
+    if torch is not None and isinstance(patches_hu, torch.Tensor):
+        x = patches_hu.to(torch.float32).clamp(HU_MIN, HU_MAX)
+        return (x + 1024.0) / 632.0 - 1.0
     x = np.clip(np.asarray(patches_hu, dtype=np.float32), HU_MIN, HU_MAX)
     return (x + 1024.0) / 632.0 - 1.0

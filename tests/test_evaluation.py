@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from drasclr_lib.data.patch_store import PatchStore
-from drasclr_lib.embed import random_encoder
+from drasclr_lib.models import random_encoder
 from drasclr_lib.evaluation import pair_similarities, retrieval_top1, even_indices, view_metrics
 from drasclr_lib.data.toy import make_toy_store
 

@@ -2,7 +2,8 @@
 
 - Continuous targets (FEV1 % predicted, FEV1/FVC): ridge regression on standardised features,
   the penalty chosen inside each training fold by efficient leave-one-out CV
-  (``RidgeCV``, alphas 10^-2 .. 10^4); score R² on the test fold.
+  (:func:`ridge_cv_model`, alphas :data:`RIDGE_ALPHAS` = 10^-2 .. 10^5); score R² on the test fold.
+  The same model is the disease probe of patch embeddings (:func:`drasclr_lib.viz.metrics.ridge_cv_score`).
 - Ordinal / categorical targets (GOLD stage, visual emphysema and paraseptal grades): multinomial
   logistic regression on standardised features (L2, fixed ``C``, documented default 0.1 — strong
   regularisation for a few dozen subjects and 128-256 features); scores accuracy and the macro
@@ -20,9 +21,13 @@ import pandas as pd
 
 from drasclr_lib.downstream.folds import task_split
 
-__all__ = ["RIDGE_ALPHAS", "cv_regression", "cv_classification", "macro_auc_ovr"]
+__all__ = ["RIDGE_ALPHAS", "ridge_cv_model", "cv_regression", "cv_classification", "macro_auc_ovr"]
 
-RIDGE_ALPHAS = np.logspace(-2, 4, 13)
+#: Ridge penalties tried by :func:`ridge_cv_model`, 10^-2 .. 10^5 in half decades: one grid for
+#: subject-level prediction (tens of subjects) and the patch probe (thousands of patches). It is the
+#: union of the two grids used before (10^-2..10^4 here, 10^-2..10^5 in the probe); the top decade
+#: lets many, weakly informative embedding features shrink towards the mean prediction.
+RIDGE_ALPHAS = np.logspace(-2, 5, 15)
 
 
 def _check_xy(X: np.ndarray, y: np.ndarray, fold: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -36,14 +41,27 @@ def _check_xy(X: np.ndarray, y: np.ndarray, fold: np.ndarray) -> tuple[np.ndarra
     return X, y, fold
 
 
-def _ridge():
+def ridge_cv_model(alphas=None):
+    """An unfitted cross-validated ridge regression: median imputation, standardisation, ``RidgeCV``.
+
+    ``fit(X (n, D), y (n,))`` imputes missing feature values with the training medians, standardises
+    the features and picks the penalty among ``alphas`` by efficient leave-one-out CV on the
+    training rows only; ``predict(X (m, D)) -> (m,)``.
+
+    Args:
+        alphas: candidate penalties; default :data:`RIDGE_ALPHAS`.
+
+    Returns:
+        A scikit-learn ``Pipeline``.
+    """
     from sklearn.impute import SimpleImputer
     from sklearn.linear_model import RidgeCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    alphas = RIDGE_ALPHAS if alphas is None else np.asarray(alphas, dtype=np.float64)
     return make_pipeline(SimpleImputer(strategy="median", keep_empty_features=True), StandardScaler(),
-                         RidgeCV(alphas=RIDGE_ALPHAS))
+                         RidgeCV(alphas=alphas))
 
 
 def cv_regression(X: np.ndarray, y: np.ndarray, fold: np.ndarray, *, min_test: int = 2) -> tuple[pd.DataFrame, np.ndarray]:
@@ -70,7 +88,7 @@ def cv_regression(X: np.ndarray, y: np.ndarray, fold: np.ndarray, *, min_test: i
     for f, train, test in task_split(fold, np.isfinite(y)):
         if len(test) < min_test or len(train) < 3:
             continue
-        model = _ridge().fit(X[train], y[train])
+        model = ridge_cv_model().fit(X[train], y[train])
         pred[test] = model.predict(X[test])
         if np.ptp(y[test]) == 0:
             continue

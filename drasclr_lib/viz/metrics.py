@@ -7,8 +7,9 @@ model that never saw its subject, so a probe cannot succeed by recognising the s
   e.g. a patch's location index or lobe, from its embedding; the chance level (the most frequent
   training label) comes with it.
 - :func:`ridge_cv_score`: out-of-fold R² and Spearman correlation of a standardised ridge model
-  (alpha chosen by inner cross-validation) predicting a continuous target, e.g. a patch's
-  emphysema fraction.
+  (alpha chosen by inner cross-validation; the model of subject-level prediction,
+  :func:`drasclr_lib.downstream.prediction.ridge_cv_model`) predicting a continuous target, e.g. a
+  patch's emphysema fraction.
 - :func:`embedding_metrics`: both, for an :class:`~drasclr_lib.embed.EmbeddingSet` and the
   per-patch facts of :func:`~drasclr_lib.data.patch_store.patch_table`.
 """
@@ -16,6 +17,8 @@ model that never saw its subject, so a probe cannot succeed by recognising the s
 from __future__ import annotations
 
 import numpy as np
+
+from drasclr_lib.downstream.prediction import ridge_cv_model
 
 __all__ = ["knn_accuracy", "ridge_cv_score", "embedding_metrics", "subsample_patches", "patch_intensity_features"]
 
@@ -74,7 +77,8 @@ def ridge_cv_score(X, y, groups, *, n_splits: int = 5, alphas=None) -> dict[str,
     """Cross-validated (by group) ridge regression of a continuous target.
 
     Features are standardised inside each fold; ``RidgeCV`` picks alpha from ``alphas``
-    (default ``logspace(-2, 5, 15)``) on the training fold only.
+    (default :data:`~drasclr_lib.downstream.prediction.RIDGE_ALPHAS`, ``logspace(-2, 5, 15)``) on the
+    training fold only (:func:`~drasclr_lib.downstream.prediction.ridge_cv_model`).
 
     Args:
         X: (M, D) features.
@@ -91,10 +95,7 @@ def ridge_cv_score(X, y, groups, *, n_splits: int = 5, alphas=None) -> dict[str,
         ValueError: for inconsistent shapes, fewer than two subjects, or a constant target.
     """
     from scipy.stats import spearmanr
-    from sklearn.linear_model import RidgeCV
     from sklearn.metrics import r2_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     X, y, groups = _check_xyg(X, y, groups)
     y = y.astype(np.float64)
@@ -102,10 +103,9 @@ def ridge_cv_score(X, y, groups, *, n_splits: int = 5, alphas=None) -> dict[str,
     X, y, groups = X[keep], y[keep], groups[keep]
     if len(y) < 3 or np.ptp(y) == 0:
         raise ValueError("the target needs at least 3 finite, not all equal values")
-    alphas = np.logspace(-2, 5, 15) if alphas is None else np.asarray(alphas, dtype=np.float64)
     pred = np.empty_like(y)
     for tr, te in _folds(groups, n_splits).split(X, y, groups):
-        model = make_pipeline(StandardScaler(), RidgeCV(alphas=alphas))
+        model = ridge_cv_model(alphas)
         model.fit(X[tr], y[tr])
         pred[te] = model.predict(X[te])
     rho = spearmanr(y, pred).statistic if np.ptp(pred) > 0 else 0.0

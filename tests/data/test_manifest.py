@@ -11,15 +11,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from drasclr_lib.data.manifest import (
-    STANDARD_COLUMNS,
-    ManifestError,
-    expand_env,
-    load_source,
-    manifest_dir,
-    read_manifest,
-    resolve_manifest,
-)
+from drasclr_lib.data.manifest import STANDARD_COLUMNS, ManifestError
+from drasclr_lib.data.sources import expand_env, load_source, manifest_dir, read_manifest, resolve_manifest
 
 
 def _write(path: Path, text: str) -> Path:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from drasclr_lib.data import real
-from drasclr_lib.data.manifest import read_manifest, resolve_manifest
+from drasclr_lib.data.sources import read_manifest, resolve_manifest
 
 
 @pytest.fixture(scope="session")
@@ -143,7 +143,7 @@ def test_cli_and_resolve(real_manifest, wheel_file, tmp_path, capsys, monkeypatc
 
 
 def test_source_file_reads_the_cached_manifest(real_manifest, monkeypatch):
-    from drasclr_lib.data.manifest import manifest_dir
+    from drasclr_lib.data.sources import manifest_dir
 
     monkeypatch.setenv("DRASCLR_CACHE", str(real_manifest.parent.parent))
     df = read_manifest(manifest_dir() / "lung_pet_ct_dx.yaml")

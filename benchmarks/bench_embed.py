@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 def _store(root: Path, n_subjects: int, n_locations: int, seed: int = 0):
     from drasclr_lib.data.patch_store import PatchStore, finalize_store, write_store_meta, write_subject
-    from drasclr_lib.preprocess.atlas import nearest_neighbors, normalize_locations
+    from drasclr_lib.preprocess.landmarks import nearest_neighbors, normalize_locations
 
     rng = np.random.default_rng(seed)
     corners = rng.integers(10, 300, size=(n_locations, 3))
@@ -51,7 +51,8 @@ def main(argv=None) -> int:
 
     import torch
 
-    from drasclr_lib.embed import embed_cohort, embed_subject, random_encoder
+    from drasclr_lib.embed import embed_cohort, embed_subject
+    from drasclr_lib.models import random_encoder
     from drasclr_lib.utils import save_json
 
     torch.set_num_threads(args.threads)
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
 
     patches = rng.normal(-800, 120, size=(args.scan_patches, 32, 32, 32)).astype(np.int16)
     corners = rng.integers(10, 300, size=(args.scan_patches, 3))
-    from drasclr_lib.preprocess.atlas import normalize_locations
+    from drasclr_lib.preprocess.landmarks import normalize_locations
 
     locs = normalize_locations(corners)
     assert len(np.unique(locs, axis=0)) == args.scan_patches, "locations must all differ"

@@ -2,7 +2,8 @@
 
 The subject is a synthetic adult chest CT (``make_cohort(size="adult")``: about 350 x 300 x 310 mm
 at 0.8 x 0.8 x 2.5 mm, so roughly 330 x 330 x 300 mm of body and field after resampling to 1 mm;
-generated once and cached). It goes through every stage of ``preprocess_subject`` with our own
+generated once and cached). It goes through every stage of ``preprocess_subject`` (the per-scan
+pipeline ``process_scan``, then the store write) with our own
 lung segmentation (no mask given, as for a real scan): read, resample to 1 mm (B-spline) with 60
 voxels of padding, lung mask, affine registration of the lung mask to the atlas mask, patch cutting,
 writing. The atlas is the published one (``../shared/reference``: 387 x 387 x 319 mm, 581
@@ -37,9 +38,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-STAGES = ("read", "resample", "lung_mask", "register", "patches", "write")
-
-
 def _pin(cores: int) -> list[int]:
     avail = sorted(os.sched_getaffinity(0))
     chosen = avail[:cores]
@@ -67,6 +65,7 @@ def main(argv=None) -> int:
     from drasclr_lib.data.synthetic import make_cohort
     from drasclr_lib.preprocess.atlas import Atlas
     from drasclr_lib.preprocess.cohort import preprocess_subject
+    from drasclr_lib.preprocess.errors import STAGES
     from drasclr_lib.utils import save_json
 
     size = "demo" if args.quick else "adult"
@@ -94,9 +93,9 @@ def main(argv=None) -> int:
             # label maps dropped: the benchmark is a real scan's path (CT only, lungs segmented)
             rec = preprocess_subject({"sid": subject["sid"], "image": subject["image"]}, atlas, tmp, sid=subject["sid"])
             total, cpu = time.perf_counter() - t0, time.process_time() - c0
-        runs.append({**{s: rec[f"time_{s}_s"] for s in STAGES}, "total": total, "cpu_s": cpu, "reg_dice": rec["reg_dice"],
-                     "lung_volume_l": rec["lung_volume_l"], "grid_1mm": rec["grid_1mm"]["size"]})
-        print(f"run {r + 1}/{repeats}: {total:.1f} s wall, {cpu:.1f} s CPU (registration Dice {rec['reg_dice']:.3f})",
+        runs.append({**{s: rec.times[s] for s in STAGES}, "total": total, "cpu_s": cpu, "reg_dice": rec.reg_dice,
+                     "lung_volume_l": rec.lung_volume_l, "grid_1mm": rec.grid_1mm["size"]})
+        print(f"run {r + 1}/{repeats}: {total:.1f} s wall, {cpu:.1f} s CPU (registration Dice {rec.reg_dice:.3f})",
               flush=True)
 
     med = {k: statistics.median(run[k] for run in runs) for k in (*STAGES, "total", "cpu_s")}

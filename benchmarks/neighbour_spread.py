@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import pairwise_distances
 
-from drasclr_lib.preprocess.atlas import nearest_neighbors
+from drasclr_lib.preprocess.landmarks import nearest_neighbors
 
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--reference", default=str(Path(__file__).resolve().parents[1].parent / "shared" / "reference"))

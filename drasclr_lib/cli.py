@@ -14,8 +14,8 @@ COMMANDS = {
     "synth": ("drasclr_lib.data.synthetic", "cli_main", "write a synthetic lung-CT cohort and its manifest"),
     "fetch-real": ("drasclr_lib.data.real", "cli_main", "obtain the offline Lung-PET-CT-Dx scan and its manifest"),
     "preprocess": ("drasclr_lib.preprocess.cohort", "cli_main", "CT files -> registered atlas patches (patch store)"),
-    "pretrain": ("drasclr_lib.train", "cli_main", "DrasCLR pretraining on CPU, one GPU or many (torchrun)"),
-    "embed": ("drasclr_lib.embed", "cli_main", "embed every patch of a patch store with a checkpoint"),
+    "pretrain": ("drasclr_lib.training.cli", "cli_main", "DrasCLR pretraining on CPU, one GPU or many (torchrun)"),
+    "embed": ("drasclr_lib.embed_cli", "cli_main", "embed every patch of a patch store with a checkpoint"),
     "run-notebooks": ("drasclr_lib.runner", "main", "execute the notebooks in order with papermill"),
 }
 

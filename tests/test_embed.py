@@ -1,4 +1,4 @@
-"""Embeddings: shapes, batching invariance, determinism, save/load, pooling, baseline, per-patch facts."""
+"""Embeddings: shapes, batching invariance, determinism, save/load, pooling, baseline."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from drasclr_lib.data.patch_store import PatchStore, patch_table, write_store_meta, write_subject
+from drasclr_lib.data.patch_store import PatchStore
 from drasclr_lib.data.toy import make_toy_store
-from drasclr_lib.embed import (EmbeddingSet, calibrate_batchnorm, cli_main, embed_cohort, embed_subject,
-                               pool_subjects, random_encoder)
-from drasclr_lib.models import DrasEncoder, load_encoder
+from drasclr_lib.embed import EmbeddingSet, embed_cohort, embed_subject, pool_subjects
+from drasclr_lib.embed_cli import cli_main
+from drasclr_lib.models import DrasEncoder, calibrate_batchnorm, random_encoder
 
 
 @pytest.fixture(scope="module")
@@ -133,39 +133,6 @@ def test_batchnorm_calibration_makes_random_features_informative(store):
     assert cal.std(axis=0).mean() > 0.05
 
 
-def test_patch_table_from_labels_and_records(store, tmp_path):
-    tab = patch_table(store)
-    N, L = store.num_subjects, store.num_locations
-    assert all(v.shape == (N, L) for v in tab.values())
-    want = np.stack([(np.asarray(store.label_patches(s)).reshape(L, -1) > 0).mean(1) for s in range(N)])
-    np.testing.assert_allclose(tab["emph_fraction"], want)
-    np.testing.assert_array_equal(tab["height"][3], store.atlas_corners[:, 2])
-    assert (tab["lobe"] == 0).all() and np.isnan(tab["lung_fraction"]).all()
-
-    # a store written by preprocessing: per-patch values come from the record
-    root = tmp_path / "rec_store"
-    corners = np.array([[0, 0, 0], [26, 0, 0], [0, 26, 0]])
-    write_store_meta(root, corners, np.zeros((3, 3)), np.array([[1], [0], [0]]), patch_size=4)
-    write_subject(root, "s1", np.zeros((3, 4, 4, 4)), label_patches=np.ones((3, 4, 4, 4)),
-                  record={"patch_emph_fraction": [0.1, float("nan"), 0.3], "patch_lobe": [1, 4, 0],
-                          "patch_lung_fraction": [0.5, 0.0, 1.0]})
-    write_subject(root, "s2", np.zeros((3, 4, 4, 4)), label_patches=np.ones((3, 4, 4, 4)),
-                  record={"patch_lung_fraction": [0.5, 0.0, 1.0]})
-    rec = patch_table(PatchStore(root))
-    np.testing.assert_allclose(rec["emph_fraction"][0], [0.1, np.nan, 0.3])
-    np.testing.assert_array_equal(rec["lobe"][0], [1, 4, 0])
-    # fallback: labelled voxels over lung voxels, clipped to 1, NaN without lung
-    np.testing.assert_allclose(rec["emph_fraction"][1], [1.0, np.nan, 1.0])
-
-
-def test_patch_table_rejects_wrong_length(tmp_path):
-    root = tmp_path / "bad"
-    write_store_meta(root, np.array([[0, 0, 0], [26, 0, 0]]), np.zeros((2, 3)), np.array([[1], [0]]), patch_size=4)
-    write_subject(root, "s1", np.zeros((2, 4, 4, 4)), record={"patch_lobe": [1, 2, 3]})
-    with pytest.raises(ValueError, match="s1.*patch_lobe"):
-        patch_table(PatchStore(root))
-
-
 def test_cli_embed_checkpoint(store, encoder, emb, tmp_path, capsys):
     ckpt = tmp_path / "enc.pt"
     torch.save({"state_dict": {f"encoder_q.{k}": v for k, v in encoder.state_dict().items()}}, ckpt)
@@ -196,3 +163,13 @@ def test_cli_embed_random_calibrates_batchnorm(store, tmp_path):
     want = embed_cohort(random_encoder(3, store=store, calibration_batches=4, device="cpu"), store,
                         progress=False, device="cpu")
     np.testing.assert_allclose(loaded.h, want.h, rtol=1e-4, atol=1e-5)
+
+
+def test_drasclr_embed_command_is_this_cli():
+    # `drasclr embed` resolves through the COMMANDS table of drasclr_lib.cli to the tested cli_main
+    import importlib
+
+    from drasclr_lib.cli import COMMANDS
+
+    module, func, _ = COMMANDS["embed"]
+    assert getattr(importlib.import_module(module), func) is cli_main

@@ -12,6 +12,7 @@ import numpy as np
 
 from drasclr_lib.downstream.experiment import METHOD_LABELS, DownstreamResult
 from drasclr_lib.downstream.subtypes import SUBTYPE_NAMES
+from drasclr_lib.preprocess.patches import paste_patches
 from drasclr_lib.utils import atomic_path
 
 __all__ = ["DEFAULT_BARS", "plot_results_bars", "plot_km", "pick_map_subject", "subtype_slice", "plot_subtype_map"]
@@ -97,14 +98,6 @@ def pick_map_subject(subtype_true: np.ndarray) -> int:
     return int(max(range(len(y)), key=lambda i: score[i]))
 
 
-def _corners(store, subject) -> np.ndarray:
-    rec = store.record(subject)
-    c = rec.get("corners_subject")
-    if c is not None and np.asarray(c).shape == (store.num_locations, 3):
-        return np.asarray(c, dtype=np.int64)
-    return np.asarray(store.atlas_corners, dtype=np.int64)  # stores without geometry: the atlas layout
-
-
 def subtype_slice(store, subject, patch_classes: dict[str, np.ndarray], *, j: int | None = None, margin: int = 3):
     """Rebuild one coronal slice of a subject from its patches, with per-patch classes painted.
 
@@ -124,7 +117,7 @@ def subtype_slice(store, subject, patch_classes: dict[str, np.ndarray], *, j: in
         dict with ``ct (K, I)`` HU (NaN outside patches), ``voxel_labels (K, I)`` (or ``None``),
         ``maps {name: (K, I)}`` (-1 unpainted), ``j`` and ``extent`` (i0, i1, k0, k1).
     """
-    corners = _corners(store, subject)
+    corners = store.corners(subject, atlas_fallback=True)  # stores without geometry: the atlas layout
     P = store.patch_size
     patches = store.patches(subject)  # (L, k, j, i)
     labels = store.label_patches(subject)
@@ -136,18 +129,14 @@ def subtype_slice(store, subject, patch_classes: dict[str, np.ndarray], *, j: in
         j = int(js[np.argmax(score)])
     i0, k0 = corners[:, 0].min(), corners[:, 2].min()
     I, K = corners[:, 0].max() + P - i0, corners[:, 2].max() + P - k0
-    ct = np.full((K, I), np.nan, dtype=np.float32)
-    vox = np.zeros((K, I), dtype=np.int16) if labels is not None else None
-    maps = {name: np.full((K, I), -1, dtype=np.int16) for name in patch_classes}
-    for loc in np.flatnonzero((corners[:, 1] <= j) & (j < corners[:, 1] + P)):
-        ci, cj, ck = corners[loc]
-        ks, is_ = slice(ck - k0, ck - k0 + P), slice(ci - i0, ci - i0 + P)
-        ct[ks, is_] = patches[loc, :, j - cj, :]
-        if vox is not None:
-            vox[ks, is_] = labels[loc, :, j - cj, :]
-        inner = (slice(ck - k0 + margin, ck - k0 + P - margin), slice(ci - i0 + margin, ci - i0 + P - margin))
-        for name, cls in patch_classes.items():
-            maps[name][inner] = int(cls[loc])
+    crossing = np.flatnonzero((corners[:, 1] <= j) & (j < corners[:, 1] + P))
+    local = corners[crossing] - [i0, j, k0]  # into a one-voxel-thick coronal volume (K, 1, I)
+    ct = paste_patches(patches[crossing], local, (K, 1, I), fill=np.nan, dtype=np.float32)[:, 0]
+    vox = None if labels is None else paste_patches(labels[crossing], local, (K, 1, I), dtype=np.int16)[:, 0]
+    inner = (len(crossing), P - 2 * margin, P, P - 2 * margin)  # (k, j, i): trimmed in i and k
+    maps = {name: paste_patches(np.broadcast_to(np.asarray(cls)[crossing, None, None, None].astype(np.int16), inner),
+                                local + [margin, 0, margin], (K, 1, I), fill=-1)[:, 0]
+            for name, cls in patch_classes.items()}
     return {"ct": ct, "voxel_labels": vox, "maps": maps, "j": j, "extent": (i0, i0 + I, k0, k0 + K)}
 
 

@@ -69,18 +69,15 @@ def dominant_subtype(label_patches: np.ndarray, lung_voxels: np.ndarray, *, thre
     return out[0] if single else out
 
 
-def _record_array(rec: dict, key: str, n: int) -> np.ndarray | None:
-    val = rec.get(key)
-    if val is None:
-        return None
-    arr = np.asarray(val, dtype=np.float64)
-    return arr if arr.shape == (n,) and np.all(np.isfinite(arr)) else None
+def _known(values: np.ndarray | None) -> np.ndarray | None:
+    """Per-patch values from a record, when every one is known."""
+    return values if values is not None and np.all(np.isfinite(values)) else None
 
 
 def patch_lung_voxels(store, subject) -> np.ndarray:
     """Lung voxels per patch (L,): ``patch_lung_fraction * P³`` from the record, else the HU proxy."""
     L, P = store.num_locations, store.patch_size
-    frac = _record_array(store.record(subject), "patch_lung_fraction", L)
+    frac = _known(store.patch_values(subject, "patch_lung_fraction"))
     if frac is not None:
         return frac * P**3
     hu = np.asarray(store.patches(subject))
@@ -123,8 +120,8 @@ def patch_qct_features(store, subjects=None) -> np.ndarray:
     out = np.zeros((len(subjects), L, 2), dtype=np.float32)
     for n, s in enumerate(subjects):
         rec = store.record(s)
-        laa = _record_array(rec, "patch_laa950", L)
-        frac = _record_array(rec, "patch_lung_fraction", L)
+        laa = _known(rec.patch_laa950)
+        frac = _known(rec.patch_lung_fraction)
         if laa is None or frac is None:
             hu = np.asarray(store.patches(s)).reshape(L, -1)
             lung = hu < LUNG_HU

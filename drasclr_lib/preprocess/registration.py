@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from drasclr_lib.preprocess.errors import PreprocessError
 from drasclr_lib.preprocess.resample import available_cores
 
-__all__ = ["register_masks", "registration_dice", "transform_to_dict", "transform_from_dict", "binarize"]
+__all__ = ["register_masks", "registration_dice", "mask_dice", "transform_to_dict", "transform_from_dict", "binarize"]
 
 _TRANSFORM_TYPES = {
     "AffineTransform": lambda: sitk.AffineTransform(3),
@@ -145,21 +145,40 @@ def register_masks(atlas_mask: sitk.Image, subject_mask: sitk.Image, *, sid: str
     return tx, info
 
 
+def mask_dice(a: np.ndarray | sitk.Image, b: np.ndarray | sitk.Image) -> float:
+    """Dice overlap of two masks on one grid: ``2 |A & B| / (|A| + |B|)``, nonzero = foreground.
+
+    The one mask Dice of preprocessing (lung mask against the given mask, registered subject
+    against the atlas, the notebooks' overlays). Two empty masks agree: their Dice is 1.0.
+
+    Args:
+        a, b: masks of the same shape, NumPy arrays or SimpleITK images (any pixel type).
+
+    Returns:
+        Dice in [0, 1]; 1.0 when both masks are empty.
+
+    Raises:
+        ValueError: when the shapes differ.
+    """
+    av, bv = (np.asarray(sitk.GetArrayViewFromImage(m) if isinstance(m, sitk.Image) else m) != 0 for m in (a, b))
+    if av.shape != bv.shape:
+        raise ValueError(f"mask_dice needs masks of one shape, got {av.shape} and {bv.shape}")
+    denom = int(np.count_nonzero(av)) + int(np.count_nonzero(bv))
+    return 1.0 if denom == 0 else 2.0 * int(np.count_nonzero(av & bv)) / denom
+
+
 def registration_dice(atlas_mask: sitk.Image, subject_mask: sitk.Image, transform: sitk.Transform) -> float:
-    """Dice of the warped subject lung mask with the atlas lung mask (nonzero = lung).
+    """Dice (:func:`mask_dice`) of the warped subject lung mask with the atlas lung mask (nonzero = lung).
 
     The subject mask is resampled onto the atlas grid through ``transform`` (atlas -> subject
     points) with nearest-neighbour interpolation.
 
     Returns:
-        Dice in [0, 1] (0 when both masks are empty).
+        Dice in [0, 1] (1.0 when both masks are empty).
     """
     a = sitk.NotEqual(atlas_mask, 0)
     warped = sitk.Resample(sitk.NotEqual(subject_mask, 0), a, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    av = sitk.GetArrayViewFromImage(a).astype(bool)
-    wv = sitk.GetArrayViewFromImage(warped).astype(bool)
-    denom = int(av.sum()) + int(wv.sum())
-    return 0.0 if denom == 0 else 2.0 * int(np.count_nonzero(av & wv)) / denom
+    return mask_dice(a, warped)
 
 
 def _unwrap(tx: sitk.Transform) -> sitk.Transform:

@@ -1,23 +1,23 @@
 """Whole-scan inference: one CT file in, an emphysema label NIfTI aligned with it out.
 
-:func:`segment_scan` runs, for one scan, the steps the cohort runner runs for every subject
-(:mod:`drasclr_lib.preprocess.cohort`): read (reoriented to LPS) -> 1 mm B-spline resampling
-with 60 voxels of -1024 HU padding -> lung mask (given, or :func:`segment_lungs`) -> affine
-registration of the lung mask to the atlas mask -> the atlas patches cut with their subject
-corners. Every atlas patch is then segmented with its own location condition
-(``normalize_locations(atlas.corners)``, the store's ``locs``), and the patch probabilities are
-blended back into the subject's 1 mm grid by :class:`PatchBlender`: the mean of the overlapping
-patches' class probabilities (sum / count), background where no patch reaches, and background
-outside the lung mask. The label volume is finally resampled (nearest neighbour) from the 1 mm
-grid onto the geometry of the **input file as stored** (read again without reorientation:
-same size, spacing, origin and direction) and written as a uint8 NIfTI, atomically.
+:func:`segment_scan` runs the per-scan pipeline the store writer runs for every subject
+(:func:`~drasclr_lib.preprocess.pipeline.process_scan`: read (reoriented to LPS) -> 1 mm
+B-spline resampling with ``PAD_VOXELS`` voxels of -1024 HU padding -> lung mask (given, or
+:func:`segment_lungs`) -> affine registration of the lung mask to the atlas mask -> the atlas
+patches cut with their subject corners), on the atlas the segmenter's store was made with
+(:func:`~drasclr_lib.preprocess.atlas_source.resolve_atlas`). Every atlas patch is then segmented
+with its own location condition (``normalize_locations(atlas.corners)``, the store's ``locs``),
+and the patch probabilities are blended back into the subject's 1 mm grid by
+:class:`PatchBlender`: the mean of the overlapping patches' class probabilities (sum / count),
+background where no patch reaches, and background outside the lung mask. The label volume is
+finally resampled (nearest neighbour) from the 1 mm grid onto the geometry of the **input file as
+stored** (read again without reorientation: same size, spacing, origin and direction) and written
+as a uint8 NIfTI, atomically.
 """
 
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,80 +25,16 @@ import SimpleITK as sitk
 import torch
 from tqdm.auto import tqdm
 
-from drasclr_lib.preprocess.atlas import Atlas
+from drasclr_lib.preprocess.atlas_source import resolve_atlas
+from drasclr_lib.preprocess.patches import add_patches
+from drasclr_lib.preprocess.pipeline import process_scan
+from drasclr_lib.preprocess.resample import grid_image
 from drasclr_lib.utils import atomic_path, resolve_device
 
-__all__ = ["ScanPatches", "prepare_scan", "PatchBlender", "resolve_scan_atlas", "input_geometry", "to_input_grid",
-           "segment_scan", "default_output_path", "plot_scan_overlay"]
+__all__ = ["PatchBlender", "input_geometry", "to_input_grid", "segment_scan", "default_output_path",
+           "plot_scan_overlay"]
 
 SEG_SUFFIX = "_emphysema_seg.nii.gz"
-
-
-@dataclass
-class ScanPatches:
-    """One scan cut into the atlas patches (what preprocessing computes, without a store).
-
-    Attributes:
-        ct_1mm: padded 1 mm CT in HU (LPS).
-        lung_1mm: lung mask on that grid (uint8, nonzero = lung).
-        transform: atlas physical -> subject physical points.
-        patches_hu: (L, P, P, P) int16, (k, j, i) order.
-        corners_subject: (L, 3) int64 (i, j, k) corners in the 1 mm grid.
-        reg_dice: Dice of the registered lung mask with the atlas mask.
-        seconds: time of each stage.
-    """
-
-    ct_1mm: sitk.Image
-    lung_1mm: sitk.Image
-    transform: sitk.Transform
-    patches_hu: np.ndarray
-    corners_subject: np.ndarray
-    reg_dice: float
-    seconds: dict
-
-
-def prepare_scan(image_path: str | os.PathLike, atlas: Atlas, *, lung_mask_path: str | os.PathLike | None = None,
-                 sid: str | None = None, pad: int = 60) -> ScanPatches:
-    """Preprocess one scan into atlas patches, like ``preprocess_subject`` but without writing a store.
-
-    Args:
-        image_path: CT file (NIfTI, NRRD, MHA) or DICOM series folder.
-        atlas: the atlas the segmenter's patches were cut with.
-        lung_mask_path: optional lung mask on the CT's geometry (else :func:`segment_lungs`).
-        sid: subject id named in errors (default: the file name).
-        pad: voxels of -1024 HU padding at 1 mm (60, as the cohort runner).
-
-    Raises:
-        PreprocessError: naming the stage, subject and file, from the preprocessing functions.
-    """
-    from drasclr_lib.preprocess.io import read_ct, read_label
-    from drasclr_lib.preprocess.patches import extract_patches, resample_to_grid
-    from drasclr_lib.preprocess.registration import register_masks, registration_dice
-    from drasclr_lib.preprocess.resample import resample_isotropic
-
-    sid = sid or Path(image_path).name
-    seconds, t = {}, time.perf_counter()
-    ct = read_ct(image_path, sid=sid)
-    given = read_label(lung_mask_path, ct, sid=sid) if lung_mask_path is not None else None
-    seconds["read"], t = time.perf_counter() - t, time.perf_counter()
-    ct_1mm = resample_isotropic(ct, 1.0, interpolator="bspline", pad=int(pad), pad_value=-1024)
-    del ct
-    seconds["resample"], t = time.perf_counter() - t, time.perf_counter()
-    if given is not None:
-        lung_1mm = resample_to_grid(given, ct_1mm)
-    else:
-        from drasclr_lib.preprocess.lung_mask import segment_lungs
-
-        lung_1mm = segment_lungs(ct_1mm, sid=sid)
-    seconds["lung_mask"], t = time.perf_counter() - t, time.perf_counter()
-    transform, _ = register_masks(atlas.mask, lung_1mm, sid=sid)
-    reg_dice = float(registration_dice(atlas.mask, lung_1mm, transform))
-    seconds["register"], t = time.perf_counter() - t, time.perf_counter()
-    cut = extract_patches(ct_1mm, atlas, transform)
-    seconds["patches"] = time.perf_counter() - t
-    return ScanPatches(ct_1mm=ct_1mm, lung_1mm=lung_1mm, transform=transform, patches_hu=cut["patches_hu"],
-                       corners_subject=np.asarray(cut["corners_subject"], dtype=np.int64), reg_dice=reg_dice,
-                       seconds=seconds)
 
 
 class PatchBlender:
@@ -137,16 +73,7 @@ class PatchBlender:
         corners = np.asarray(corners_ijk, dtype=np.int64).reshape(-1, 3)
         if probs.shape[0] != len(corners) or probs.shape[1:] != (self.C, self.P, self.P, self.P):
             raise ValueError(f"probs must be (B={len(corners)}, C={self.C}, {self.P}, {self.P}, {self.P}), got {probs.shape}")
-        for pr, (i, j, k) in zip(probs, corners):
-            start = np.array([k, j, i]) - self.lo
-            s_lo = np.maximum(start, 0)
-            s_hi = np.minimum(start + self.P, self.hi - self.lo)
-            if np.any(s_hi <= s_lo):
-                continue
-            p_lo, p_hi = s_lo - start, s_hi - start
-            self.sum[:, s_lo[0]:s_hi[0], s_lo[1]:s_hi[1], s_lo[2]:s_hi[2]] += \
-                pr[:, p_lo[0]:p_hi[0], p_lo[1]:p_hi[1], p_lo[2]:p_hi[2]]
-            self.count[s_lo[0]:s_hi[0], s_lo[1]:s_hi[1], s_lo[2]:s_hi[2]] += 1
+        add_patches(self.sum, self.count, probs, corners - self.lo[::-1])  # corners in the box
 
     def _full(self, box: np.ndarray, fill, dtype) -> np.ndarray:
         out = np.full(box.shape[:-3] + self.shape, fill, dtype=dtype)
@@ -174,35 +101,6 @@ class PatchBlender:
         return self._full(lab, 0, np.uint8)
 
 
-def resolve_scan_atlas(atlas) -> Atlas:
-    """An :class:`Atlas` from an Atlas, a patch store folder (``atlas_mask.nii.gz`` +
-    ``atlas_landmarks.npy``), a :class:`PatchStore` or a ``(mask, landmarks)`` pair.
-
-    Raises:
-        FileNotFoundError: for a store folder without its saved atlas.
-        ValueError: when the store's atlas corners differ from the saved atlas's.
-    """
-    from drasclr_lib.data.patch_store import PatchStore
-
-    if isinstance(atlas, Atlas):
-        return atlas
-    if isinstance(atlas, (tuple, list)):
-        mask, landmarks = (list(atlas) + [None])[:2]
-        return Atlas.from_files(mask, landmarks)
-    store = atlas if isinstance(atlas, PatchStore) else None
-    root = Path(store.root if store is not None else atlas)
-    mask, lm = root / "atlas_mask.nii.gz", root / "atlas_landmarks.npy"
-    if not (mask.exists() and lm.exists()):
-        raise FileNotFoundError(f"{root} holds no saved atlas ({mask.name} + {lm.name}); give the atlas the store was "
-                                "made with as Atlas or (mask, landmarks)")
-    out = Atlas.from_files(mask, lm)
-    if (root / "store.json").exists():
-        store = store or PatchStore(root)
-        if not np.array_equal(store.atlas_corners, out.corners):
-            raise ValueError(f"{root}: the saved atlas landmarks differ from the store's atlas_corners")
-    return out
-
-
 def input_geometry(image_path: str | os.PathLike) -> sitk.Image:
     """An empty uint8 image with the geometry of the input file **as stored** (no reorientation).
 
@@ -226,11 +124,7 @@ def input_geometry(image_path: str | os.PathLike) -> sitk.Image:
         if len(size) == 4:  # 3D stored as 4D with one time point (read_ct drops it too)
             d = np.asarray(direction).reshape(4, 4)[:3, :3]
             size, spacing, origin, direction = size[:3], spacing[:3], origin[:3], tuple(d.ravel())
-    ref = sitk.Image([int(s) for s in size], sitk.sitkUInt8)
-    ref.SetSpacing([float(v) for v in spacing])
-    ref.SetOrigin([float(v) for v in origin])
-    ref.SetDirection([float(v) for v in direction])
-    return ref
+    return grid_image({"size": size, "spacing": spacing, "origin": origin, "direction": direction})
 
 
 def to_input_grid(label_1mm: sitk.Image, reference: sitk.Image) -> sitk.Image:
@@ -260,9 +154,9 @@ def segment_scan(model, image_path: str | os.PathLike, *, atlas, out_path: str |
         model: a :class:`~drasclr_lib.segmentation.model.DrasSegNet` (anything with
             ``num_classes`` and ``forward(x (B, 1, P, P, P), loc (B, 3)) -> logits (B, C, P, P, P)``).
         image_path: CT file or DICOM series folder.
-        atlas: the atlas of the store the model was trained on: an :class:`Atlas`, the store
-            folder / :class:`PatchStore` (with its saved ``atlas_mask.nii.gz`` +
-            ``atlas_landmarks.npy``), or ``(mask, landmarks)``.
+        atlas: the atlas of the store the model was trained on, as
+            :func:`~drasclr_lib.preprocess.atlas_source.resolve_atlas` takes it: an ``Atlas``,
+            the store folder / ``PatchStore`` (its saved atlas), or ``(mask, landmarks)``.
         out_path: output NIfTI (default :func:`default_output_path`).
         lung_mask_path: optional lung mask on the CT's geometry (default: segmented).
         batch_size: patches per forward pass.
@@ -280,8 +174,8 @@ def segment_scan(model, image_path: str | os.PathLike, *, atlas, out_path: str |
     """
     from drasclr_lib.intensity import hu_to_input
 
-    atlas = resolve_scan_atlas(atlas)
-    scan = prepare_scan(image_path, atlas, lung_mask_path=lung_mask_path, sid=sid)
+    atlas = resolve_atlas(atlas)
+    scan = process_scan(image_path, atlas, lung_mask=lung_mask_path, sid=sid or Path(image_path).name)
     dev = resolve_device(device)
     model.to(dev).eval()
     locs = atlas.locs

@@ -111,7 +111,7 @@ def candidate_pairs(store: PatchStore, subjects, min_lung_fraction: float) -> np
     """
     pairs = []
     for s in subjects:
-        frac = store.record(int(s)).get("patch_lung_fraction")
+        frac = store.patch_values(int(s), "patch_lung_fraction")
         locs = np.arange(store.num_locations)
         if frac is not None and min_lung_fraction > 0:
             keep = np.asarray(frac, dtype=float) >= min_lung_fraction
@@ -327,17 +327,10 @@ def lung_patches(store: PatchStore, subject: int | str, lung_mask_path: str | Pa
     from drasclr_lib.preprocess.io import reorient
     from drasclr_lib.preprocess.patches import cut_patches, resample_to_grid
 
-    rec = store.record(subject)
-    if "grid_1mm" not in rec or "corners_subject" not in rec:
-        raise ValueError(f"subject {rec.get('sid', subject)}: its record in {store.root} has no grid_1mm/corners_subject")
-    g = rec["grid_1mm"]
-    ref = sitk.Image([int(v) for v in g["size"]], sitk.sitkUInt8)
-    ref.SetOrigin(g["origin"])
-    ref.SetSpacing(g["spacing"])
-    ref.SetDirection(g["direction"])
+    grid, corners = store.subject_grid(subject), store.corners(subject)
     mask = reorient(sitk.ReadImage(str(lung_mask_path)))
-    on_grid = sitk.GetArrayFromImage(resample_to_grid(mask, ref))
-    return cut_patches(on_grid, np.asarray(rec["corners_subject"]), store.patch_size, 0)[0] > 0
+    on_grid = sitk.GetArrayFromImage(resample_to_grid(mask, grid))
+    return cut_patches(on_grid, corners, store.patch_size, 0)[0] > 0
 
 
 def config_dict(cfg: SegConfig) -> dict:

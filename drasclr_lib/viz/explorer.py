@@ -13,11 +13,8 @@ shows
 ``PatchExplorer.figure(...)`` draws the same views as one static matplotlib figure, which is what
 :func:`show_explorer` shows when there is no widget front end (papermill, CI, a script).
 
-The CT is re-read from the manifest path in the store's ``image`` column and resampled
-(linear) onto the subject's 1 mm grid recorded by preprocessing (``record['grid_1mm']``), so the
-boxes from ``record['corners_subject']`` sit where the patches were cut. When the image or the
-geometry is not available, the subject's own patches are pasted at their corners into a mosaic
-volume instead (the figure says which).
+The volumes it draws come from :mod:`drasclr_lib.viz.volumes` (the re-read CT on the subject's
+1 mm grid, or a mosaic of the stored patches; the figure says which).
 """
 
 from __future__ import annotations
@@ -29,128 +26,14 @@ from pathlib import Path
 import numpy as np
 
 from drasclr_lib.viz.maps import LOBE_NAMES
+from drasclr_lib.viz.volumes import SubjectVolume, load_subject_volume, similarity_slice
 
 __all__ = [
-    "SubjectVolume",
-    "load_subject_volume",
     "cosine_to",
     "similar_subjects",
-    "similarity_slice",
     "PatchExplorer",
     "show_explorer",
 ]
-
-
-@dataclass
-class SubjectVolume:
-    """A subject's volume and where its patches lie in it.
-
-    Attributes:
-        sid: subject id.
-        hu: (K, J, I) int16 HU volume in SimpleITK array order (axial slices along axis 0).
-        corners: (L, 3) int64 patch corners (i, j, k) in ``hu``'s voxel grid.
-        patch_size: P.
-        source: ``"CT"`` (the re-read scan) or ``"patch mosaic"`` (patches pasted at their corners).
-    """
-
-    sid: str
-    hu: np.ndarray
-    corners: np.ndarray
-    patch_size: int
-    source: str
-
-    def patches_on_slice(self, k: int) -> np.ndarray:
-        """Indices of the patches whose box crosses axial slice ``k``."""
-        kc = self.corners[:, 2]
-        return np.flatnonzero((kc <= k) & (k < kc + self.patch_size))
-
-    def center_slice(self, loc: int) -> int:
-        """The axial slice through the centre of patch ``loc`` (clipped to the volume)."""
-        return int(np.clip(self.corners[loc, 2] + self.patch_size // 2, 0, self.hu.shape[0] - 1))
-
-
-def _grid_image(grid: dict):
-    import SimpleITK as sitk
-
-    ref = sitk.Image([int(v) for v in grid["size"]], sitk.sitkInt16)
-    ref.SetOrigin([float(v) for v in grid["origin"]])
-    ref.SetSpacing([float(v) for v in grid["spacing"]])
-    ref.SetDirection([float(v) for v in np.asarray(grid["direction"], dtype=np.float64).ravel()])
-    return ref
-
-
-def _ct_volume(store, s: int, record: dict) -> SubjectVolume:
-    """Re-read the CT of subject ``s`` and resample it onto its recorded 1 mm grid."""
-    import SimpleITK as sitk
-
-    sid = store.sids[s]
-    if "image" not in store.table.columns:
-        raise FileNotFoundError(f"subject {sid}: the store's subjects.csv has no 'image' column")
-    path = store.table.loc[sid, "image"]
-    if not isinstance(path, str) or not Path(path).exists():
-        raise FileNotFoundError(f"subject {sid}: CT file {path!r} (subjects.csv 'image') does not exist")
-    for key in ("grid_1mm", "corners_subject"):
-        if key not in record:
-            raise KeyError(f"subject {sid}: record {store.root / 'subjects' / (sid + '.json')} has no {key!r}")
-    try:
-        from drasclr_lib.preprocess.io import read_ct
-
-        img = read_ct(path, sid=sid)
-    except ImportError:  # pragma: no cover - the preprocess package is part of drasclr_lib
-        img = sitk.ReadImage(str(path), sitk.sitkFloat32)
-    ref = _grid_image(record["grid_1mm"])
-    res = sitk.Resample(sitk.Cast(img, sitk.sitkFloat32), ref, sitk.Transform(), sitk.sitkLinear, -1024.0,
-                        sitk.sitkFloat32)
-    hu = np.clip(np.rint(sitk.GetArrayFromImage(res)), -1024, 3071).astype(np.int16)
-    return SubjectVolume(sid, hu, np.asarray(record["corners_subject"], dtype=np.int64), store.patch_size, "CT")
-
-
-def _mosaic_volume(store, s: int, record: dict) -> SubjectVolume:
-    """Paste the subject's patches at their corners (subject grid when known, else atlas grid)."""
-    sid = store.sids[s]
-    corners = np.asarray(record.get("corners_subject", store.atlas_corners), dtype=np.int64)
-    P = store.patch_size
-    lo = corners.min(axis=0)
-    shape_ijk = corners.max(axis=0) - lo + P
-    hu = np.full(tuple(shape_ijk[::-1]), -1024, dtype=np.int16)
-    local = corners - lo
-    patches = store.patches(s)
-    for n, (i, j, k) in enumerate(local):
-        hu[k:k + P, j:j + P, i:i + P] = patches[n]
-    return SubjectVolume(sid, hu, local, P, "patch mosaic")
-
-
-def load_subject_volume(store, subject: int | str, *, source: str = "auto") -> SubjectVolume:
-    """The volume the explorer draws for one subject.
-
-    Args:
-        store: a ``PatchStore``.
-        subject: index or id.
-        source: ``"ct"`` (re-read and resample the scan; raises when impossible), ``"patches"``
-            (mosaic of the stored patches), or ``"auto"`` (CT when possible, else the mosaic).
-
-    Returns:
-        :class:`SubjectVolume`.
-
-    Raises:
-        ValueError: for an unknown ``source``.
-        FileNotFoundError, KeyError: with ``source="ct"`` when the scan or its geometry is missing.
-    """
-    if source not in {"auto", "ct", "patches"}:
-        raise ValueError(f"source must be 'auto', 'ct' or 'patches', got {source!r}")
-    s = subject if isinstance(subject, (int, np.integer)) else store.index(subject)
-    record = store.record(int(s))
-    if source == "patches":
-        return _mosaic_volume(store, int(s), record)
-    if source == "ct":
-        return _ct_volume(store, int(s), record)
-    try:
-        return _ct_volume(store, int(s), record)
-    except Exception as exc:  # noqa: BLE001 - any reason the scan cannot be shown: fall back, say why
-        import warnings
-
-        warnings.warn(f"explorer: showing a mosaic of the stored patches instead of the CT ({exc})", stacklevel=2)
-        return _mosaic_volume(store, int(s), record)
 
 
 # -- similarity -------------------------------------------------------------------------------
@@ -182,31 +65,6 @@ def similar_subjects(h: np.ndarray, subject: int, loc: int, n: int = 3):
     most = [(int(i), float(sims[i])) for i in others[:n]]
     least = [(int(i), float(sims[i])) for i in others[::-1][:n]]
     return most, least
-
-
-def similarity_slice(volume: SubjectVolume, values: np.ndarray, k: int) -> np.ndarray:
-    """Paint each patch box crossing axial slice ``k`` with its value (overlaps averaged).
-
-    Args:
-        volume: the subject's volume and corners.
-        values: (L,) value per patch (e.g. cosine similarity).
-        k: axial slice index.
-
-    Returns:
-        (J, I) float array, NaN where no patch lies.
-    """
-    _, J, I = volume.hu.shape
-    P = volume.patch_size
-    acc = np.zeros((J, I))
-    cnt = np.zeros((J, I))
-    for n in volume.patches_on_slice(k):
-        i, j, _ = volume.corners[n]
-        j0, j1, i0, i1 = max(j, 0), min(j + P, J), max(i, 0), min(i + P, I)
-        if j1 > j0 and i1 > i0:
-            acc[j0:j1, i0:i1] += values[n]
-            cnt[j0:j1, i0:i1] += 1
-    with np.errstate(invalid="ignore"):
-        return np.where(cnt > 0, acc / np.maximum(cnt, 1), np.nan)
 
 
 # -- the explorer -----------------------------------------------------------------------------

@@ -9,7 +9,9 @@ import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from drasclr_lib.preprocess.atlas import Atlas, atlas_landmarks, choose_reference, nearest_neighbors, normalize_locations
+from drasclr_lib.preprocess.atlas import Atlas
+from drasclr_lib.preprocess.atlas_source import choose_reference
+from drasclr_lib.preprocess.landmarks import atlas_landmarks, nearest_neighbors, normalize_locations
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO / ".." / "shared" / "reference"

@@ -17,7 +17,8 @@ import SimpleITK as sitk
 
 from drasclr_lib.data.patch_store import PatchStore, subject_done
 from drasclr_lib.preprocess import cohort
-from drasclr_lib.preprocess.cohort import dice, load_manifest, parse_shard, preprocess_cohort, shard_sids
+from drasclr_lib.preprocess.atlas_source import resolve_atlas
+from drasclr_lib.preprocess.cohort import load_manifest, parse_shard, preprocess_cohort, shard_sids
 
 REPO = Path(__file__).resolve().parents[2]
 FAST_REG = {"shrink": (4,), "smoothing": (2,), "iterations": 60}  # one level: enough for phantoms
@@ -78,8 +79,6 @@ def test_helpers():
     parts = [shard_sids(sids, f"{k}/3") for k in range(3)]
     assert sorted(sum(parts, [])) == sorted(sids)  # disjoint and covering
     assert parts[0] == ["a", "s10"] and parts[1] == ["b", "s2"] and parts[2] == ["c"]  # sorted as strings
-    assert dice(np.array([1, 1, 0, 0]), np.array([1, 0, 1, 0])) == pytest.approx(0.5)
-    assert dice(np.zeros(3), np.zeros(3)) == 1.0
 
 
 def test_manifest_with_missing_file_is_kept(cohort_dir):
@@ -108,7 +107,7 @@ def test_records_and_patches(store_dir):
     store = PatchStore(store_dir)
     L = store.num_locations
     for sid in store.sids:
-        rec = store.record(sid)
+        rec = store.record(sid).to_dict()  # the file's keys and values
         for key in ("lung_volume_l", "laa950", "reg_dice", "mask_dice", "qc_pass", "corners_subject", "patch_lung_fraction",
                     "patch_emph_fraction", "patch_lobe", "patch_laa950", "grid_1mm", "transform", "time_read_s",
                     "time_resample_s", "time_lung_mask_s", "time_register_s", "time_patches_s"):
@@ -157,7 +156,7 @@ def test_shards_interrupt_and_resume(store_dir, cohort_dir, tmp_path, monkeypatc
     assert store.sids == ["s0", "s2"] and len(store.failures()) == 0
     # the same atlas as the first store (reloaded from its saved files)
     assert np.array_equal(store.atlas_corners, PatchStore(store_dir).atlas_corners)
-    assert all(store.record(s)["reg_dice"] >= 0.8 for s in store.sids)
+    assert all(store.record(s).reg_dice >= 0.8 for s in store.sids)
 
     # shard 0/2 (bad, s1), interrupted while s1's record is being written
     import drasclr_lib.data.patch_store as ps
@@ -244,7 +243,7 @@ def test_auto_atlas_falls_back_when_reference_fails(cohort_dir, tmp_path, monkey
 
     monkeypatch.setattr(Atlas, "from_subject", classmethod(failing))
     df = load_manifest(cohort_dir / "manifest.csv")
-    atlas = cohort.resolve_atlas("auto", df, tmp_path, pad=PAD)
+    atlas = resolve_atlas("auto", store=tmp_path, manifest=df, pad=PAD)
     assert "s0" not in atlas.source and (tmp_path / "atlas_landmarks.npy").exists()
 
 
@@ -254,6 +253,7 @@ def test_patches_are_cut_through_the_registration_transform(cohort_dir, tmp_path
     lung at every location (an identity cut lands on the wrong anatomy, half of it outside)."""
     from drasclr_lib.preprocess.atlas import Atlas
     from drasclr_lib.preprocess.patches import extract_patches
+    from drasclr_lib.preprocess.pipeline import scan_to_1mm
 
     ref = pd.read_csv(cohort_dir / "manifest.csv").set_index("sid").loc["s0"]
     atlas = Atlas.from_subject(ref["image"], ref["lung_mask"], sid="s0", pad=PAD)
@@ -267,15 +267,14 @@ def test_patches_are_cut_through_the_registration_transform(cohort_dir, tmp_path
         img = sitk.ReadImage(row[key])
         img.SetOrigin(tuple(float(o + d) for o, d in zip(img.GetOrigin(), (45.0, -30.0, 25.0))))
         sitk.WriteImage(img, row[key])
-    rec = cohort.preprocess_subject(row, atlas, tmp_path / "store", registration_kwargs=FAST_REG, pad=PAD,
-                                    return_images=True)
-    assert rec["reg_dice"] >= 0.85
+    rec = cohort.preprocess_subject(row, atlas, tmp_path / "store", registration_kwargs=FAST_REG, pad=PAD)
+    assert rec.reg_dice >= 0.85
 
     def agreement(frac):
         return np.abs(frac - want).mean(), np.corrcoef(frac, want)[0, 1]
 
     # the subject's own lung mask, cut at the stored corners (measured: MAD 0.015, r 0.999)
-    mad, r = agreement(np.asarray(rec["patch_lung_fraction"]))
+    mad, r = agreement(np.asarray(rec.patch_lung_fraction))
     assert mad < 0.05 and r > 0.95, (mad, r)
     # the stored HU patches themselves: lung voxels are -860 / -980 HU, air -1000, tissue 40;
     # 90 % of the lung lies in (-930, -500) (measured: MAD 0.022, r 0.996)
@@ -283,6 +282,6 @@ def test_patches_are_cut_through_the_registration_transform(cohort_dir, tmp_path
     mad, r = agreement(((hu > -930) & (hu < -500)).mean(1) / 0.9)
     assert mad < 0.06 and r > 0.95, (mad, r)
     # the test can tell: the identity cut of the same subject is far off (MAD 0.28, r -0.17)
-    images = rec["images"]
-    ident = extract_patches(images["ct_1mm"], atlas, None, lung_1mm=images["lung_1mm"])["lung_fraction"]
+    images = scan_to_1mm(row["image"], lung_mask=row["lung_mask"], sid="moved", pad=PAD)  # the volumes cut above
+    ident = extract_patches(images.ct_1mm, atlas, None, lung_1mm=images.lung_1mm)["lung_fraction"]
     assert agreement(ident)[0] > 0.15

@@ -8,6 +8,7 @@ import SimpleITK as sitk
 
 from drasclr_lib.preprocess.errors import PreprocessError
 from drasclr_lib.preprocess.lung_mask import lung_volume_ml, segment_lungs
+from drasclr_lib.preprocess.registration import mask_dice
 
 
 def make_chest_phantom(*, spacing=(1.5, 1.5, 1.5), fov_mm=(180.0, 150.0, 150.0), junction=False,
@@ -73,11 +74,6 @@ def make_chest_phantom(*, spacing=(1.5, 1.5, 1.5), fov_mm=(180.0, 150.0, 150.0),
     return ct, lab
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, bool), np.asarray(b, bool)
-    return 2.0 * np.count_nonzero(a & b) / max(a.sum() + b.sum(), 1)
-
-
 @pytest.fixture(scope="module")
 def phantom():
     return make_chest_phantom(spacing=(1.0, 1.0, 1.0))  # 1 mm: exercises the 2 mm working grid
@@ -90,8 +86,8 @@ def test_phantom_lungs_labelled_by_side_with_high_dice(phantom):
     assert mask.GetSize() == ct.GetSize() and mask.GetSpacing() == ct.GetSpacing()
     m, t = sitk.GetArrayFromImage(mask), sitk.GetArrayFromImage(truth)
     assert set(np.unique(m)) == {0, 1, 2}
-    assert dice(m > 0, t > 0) >= 0.95
-    assert dice(m == 1, t == 1) >= 0.94 and dice(m == 2, t == 2) >= 0.94  # 1 = right (smaller x)
+    assert mask_dice(m > 0, t > 0) >= 0.95
+    assert mask_dice(m == 1, t == 1) >= 0.94 and mask_dice(m == 2, t == 2) >= 0.94  # 1 = right (smaller x)
 
 
 def test_trachea_and_table_excluded(phantom):
@@ -122,7 +118,7 @@ def test_touching_lungs_are_split():
     ct, truth = make_chest_phantom(junction=True, seed=1)
     t = sitk.GetArrayFromImage(truth)
     m = sitk.GetArrayFromImage(segment_lungs(ct))
-    assert dice(m == 1, t == 1) >= 0.9 and dice(m == 2, t == 2) >= 0.9
+    assert mask_dice(m == 1, t == 1) >= 0.9 and mask_dice(m == 2, t == 2) >= 0.9
 
 
 def test_coarse_input_and_volume():
@@ -158,8 +154,8 @@ def test_synthetic_subject_dice():
         m = sitk.GetArrayFromImage(segment_lungs(ct, sid=row.sid))
         gt = sitk.GetArrayFromImage(resample_isotropic(read_label(Path(tmp) / row.lung_mask, img),
                                                        interpolator="nearest", pad=10))
-    assert dice(m > 0, gt > 0) >= 0.95
-    assert dice(m == 1, gt == 1) >= 0.93 and dice(m == 2, gt == 2) >= 0.93
+    assert mask_dice(m > 0, gt > 0) >= 0.95
+    assert mask_dice(m == 1, gt == 1) >= 0.93 and mask_dice(m == 2, gt == 2) >= 0.93
 
 
 def test_real_scan_lung_volume_plausible():

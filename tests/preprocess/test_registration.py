@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from drasclr_lib.preprocess.errors import PreprocessError
-from drasclr_lib.preprocess.registration import (register_masks, registration_dice, transform_from_dict,
+from drasclr_lib.preprocess.registration import (mask_dice, register_masks, registration_dice, transform_from_dict,
                                                  transform_to_dict)
 
 
@@ -80,6 +80,18 @@ def test_transform_json_round_trip(pair):
         transform_from_dict({"type": "AffineTransform", "parameters": [1.0], "fixed_parameters": [0, 0, 0]})
     with pytest.raises(ValueError):
         transform_from_dict({"type": "BSplineTransform", "parameters": [], "fixed_parameters": []})
+
+
+def test_mask_dice_convention():
+    assert mask_dice(np.array([1, 1, 0, 0]), np.array([1, 0, 1, 0])) == pytest.approx(0.5)
+    assert mask_dice(np.zeros(3), np.zeros(3)) == 1.0  # two empty masks agree
+    assert mask_dice(np.zeros(3), np.array([0, 2, 0])) == 0.0
+    img = sitk.GetImageFromArray(np.array([[[0, 1, 2]]], np.uint8))  # images too; nonzero = foreground
+    assert mask_dice(img, np.array([[[0, 5, 5]]])) == 1.0
+    empty = sitk.Image([4, 4, 4], sitk.sitkUInt8)
+    assert registration_dice(empty, empty, sitk.Transform()) == 1.0  # the same convention
+    with pytest.raises(ValueError, match="one shape"):
+        mask_dice(np.zeros(3), np.zeros(4))
 
 
 def test_identity_dice_and_empty_mask_error():

@@ -157,7 +157,7 @@ def test_lung_patches_cut_like_preprocessing(geo_store):
     store, masks = geo_store
     for n, sid in enumerate(store.sids):
         lung = sitk.GetArrayFromImage(sitk.ReadImage(str(masks[sid])))
-        expect = cut_patches(lung, np.asarray(store.record(sid)["corners_subject"]), 8, 0)[0] > 0
+        expect = cut_patches(lung, store.corners(sid), 8, 0)[0] > 0
         np.testing.assert_array_equal(ex.lung_patches(store, sid, masks[sid]), expect)
 
 
@@ -176,3 +176,41 @@ def test_baselines(geo_store):
         ex.baseline_dice(store, [0], rule="all_lung")
     with pytest.raises(ValueError, match="rule"):
         ex.baseline_dice(store, [0], rule="otsu")
+
+
+def test_ensure_moco_checkpoint_reuses_same_budget_then_any_budget_then_trains(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from drasclr_lib.training import PretrainConfig, runs
+    from drasclr_lib.utils import save_json
+
+    calls = []
+
+    def fake_pretrain(cfg):
+        calls.append(cfg)
+        out = Path(cfg.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "checkpoint.pt").write_bytes(b"x")
+        return out / "checkpoint.pt"
+
+    monkeypatch.setattr(runs, "pretrain", fake_pretrain)
+    store, nb04, out = tmp_path / "store", tmp_path / "04", tmp_path / "05"
+    kw = dict(drasclr_run=None, store=store, out_root=out, reuse_roots=[nb04], max_steps=5)
+    path, how = ex.ensure_moco_checkpoint(**kw)  # nothing to reuse: the fallback budget, trained here
+    assert how == "trained" and path.parent.parent == out and len(calls) == 1
+    assert (calls[0].conditional, calls[0].num_neighbors, calls[0].max_steps, calls[0].batch_size) == (False, 0, 5, 8)
+    assert ex.ensure_moco_checkpoint(**kw)[1] == "cached"
+    # notebook 04's MoCo run of another budget is preferred (any_budget) ...
+    other, _ = runs.ensure_checkpoint("moco", PretrainConfig(store=str(store), max_steps=9), nb04)
+    path, how = ex.ensure_moco_checkpoint(**kw)
+    assert path == other and how == f"reused {other.parent} (its own budget, see its config.json)"
+    assert ex.ensure_moco_checkpoint(**kw, any_budget=False)[1] == "cached"
+    # ... and one of the same budget (notebook 02's config.json) is reused as such
+    run02 = tmp_path / "02"
+    save_json({**PretrainConfig(store=str(store), epochs=1, max_steps=3, batch_size=4, queue_size=8).to_dict(),
+               "effective": {}}, run02 / "config.json")
+    same, _ = runs.ensure_checkpoint("moco", PretrainConfig(store=str(store), epochs=1, max_steps=3, batch_size=4,
+                                                            queue_size=8), nb04)
+    path, how = ex.ensure_moco_checkpoint(**{**kw, "drasclr_run": run02})
+    assert path == same and how == f"reused {same.parent} (same budget)"
+    assert len(calls) == 3

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 
 from drasclr_lib.preprocess.atlas import Atlas
+from drasclr_lib.preprocess.atlas_source import resolve_atlas
+from drasclr_lib.preprocess.pipeline import process_scan
 from drasclr_lib.segmentation import inference as inf
 
 
@@ -125,7 +127,7 @@ def test_segment_scan_geometry_and_lung_coverage(synthetic, tmp_path):
     seen = torch.cat(model.seen_locs).numpy()
     np.testing.assert_allclose(seen, atlas.locs, atol=1e-6)
     # foreground == (lung mask on the 1 mm grid) & (covered by a patch), taken back to the input grid
-    scan = inf.prepare_scan(paths["image"], atlas, lung_mask_path=paths["lung_mask"], sid="syn0001")
+    scan = process_scan(paths["image"], atlas, lung_mask=paths["lung_mask"], sid="syn0001")
     lung = sitk.GetArrayFromImage(scan.lung_1mm) > 0
     covered = np.zeros_like(lung)
     for i, j, k in scan.corners_subject:
@@ -166,8 +168,8 @@ def test_segment_scan_with_a_segmenter(synthetic, tmp_path):
     assert seg.shape == given.shape and seg.max() <= 3
 
 
-def test_resolve_scan_atlas(synthetic, tmp_path):
-    atlas = inf.resolve_scan_atlas(synthetic["atlas_dir"])
+def test_resolve_atlas_of_a_store_folder(synthetic, tmp_path):
+    atlas = resolve_atlas(synthetic["atlas_dir"])
     np.testing.assert_array_equal(atlas.corners, synthetic["atlas"].corners)
     with pytest.raises(FileNotFoundError, match="no saved atlas"):
-        inf.resolve_scan_atlas(tmp_path)
+        resolve_atlas(tmp_path)

@@ -14,8 +14,8 @@ import SimpleITK as sitk
 
 from drasclr_lib.data.patch_store import PatchStore, finalize_store, write_store_meta, write_subject
 from drasclr_lib.embed import EmbeddingSet
-from drasclr_lib.viz.explorer import (PatchExplorer, SubjectVolume, cosine_to, load_subject_volume,
-                                      show_explorer, similar_subjects, similarity_slice)
+from drasclr_lib.viz.explorer import PatchExplorer, cosine_to, show_explorer, similar_subjects
+from drasclr_lib.viz.volumes import SubjectVolume, load_subject_volume, similarity_slice
 
 P = 32
 CORNERS = np.array([[4, 6, 8], [30, 10, 20], [20, 30, 10], [8, 8, 30]])  # (i, j, k) in the 1 mm grid
@@ -89,6 +89,9 @@ def test_similarity_helpers():
     vol = SubjectVolume("x", np.zeros((10, 6, 6), np.int16), np.array([[0, 0, 0], [2, 2, 0], [0, 0, 8]]), 4, "CT")
     sl = similarity_slice(vol, np.array([1.0, 3.0, 9.0]), k=1)  # the third box does not cross slice 1
     assert sl[0, 0] == 1.0 and sl[3, 3] == 2.0 and sl[5, 5] == 3.0 and np.isnan(sl[0, 5])
+    deep = SubjectVolume("y", np.zeros((10, 6, 6), np.int16), np.array([[0, 0, 3], [2, 2, 6]]), 4, "CT")
+    sl = similarity_slice(deep, np.array([5.0, 7.0]), k=6)  # both boxes cross slice 6, from different depths
+    assert sl[0, 0] == 5.0 and sl[3, 3] == 6.0 and sl[5, 5] == 7.0 and np.isnan(sl[0, 5])
 
 
 def test_static_figure_and_show(ct_store, tmp_path):

@@ -43,8 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "disease_signal.json"))
     args = ap.parse_args(argv)
 
-    from drasclr_lib.data.patch_store import PatchStore
-    from drasclr_lib.data.patch_store import patch_table
+    from drasclr_lib.data.patch_store import PatchStore, patch_table
     from drasclr_lib.embed import EmbeddingSet, embed_cohort
     from drasclr_lib.models import load_encoder, random_encoder
     from drasclr_lib.training import PretrainConfig, pretrain

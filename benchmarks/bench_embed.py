@@ -4,7 +4,7 @@
 
 Targets (issue 5, 2 CPU cores): cohort >= 250 patches/s; one adult scan (~580 patches, all
 locations different) <= 5 s. The encoder is the published DrasEncoder (conditional, 8 experts,
-~0.19 GFLOP per patch forward) with random weights; patches are random lung-like HU. The machine's
+~0.19 GFLOP per patch forward) with random weights; patches are the toy store's lung-like HU (drasclr_lib.testing). The machine's
 load average is recorded next to the timings, since other processes on the same cores slow
 everything down proportionally.
 """
@@ -25,19 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def _store(root: Path, n_subjects: int, n_locations: int, seed: int = 0):
-    from drasclr_lib.data.patch_store import PatchStore, finalize_store, write_store_meta, write_subject
-    from drasclr_lib.preprocess.landmarks import nearest_neighbors, normalize_locations
-
-    rng = np.random.default_rng(seed)
-    corners = rng.integers(10, 300, size=(n_locations, 3))
-    write_store_meta(root, corners, normalize_locations(corners), nearest_neighbors(corners, 2))
-    for s in range(n_subjects):
-        write_subject(root, f"b{s:04d}", rng.normal(-800, 120, size=(n_locations, 32, 32, 32)).astype(np.int16))
-    finalize_store(root)
-    return PatchStore(root)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (the target is for 2 cores)")
@@ -51,8 +38,10 @@ def main(argv=None) -> int:
 
     import torch
 
+    from drasclr_lib.data.patch_store import PatchStore
     from drasclr_lib.embed import embed_cohort, embed_subject
     from drasclr_lib.models import random_encoder
+    from drasclr_lib.testing import make_toy_store
     from drasclr_lib.utils import save_json
 
     torch.set_num_threads(args.threads)
@@ -61,7 +50,8 @@ def main(argv=None) -> int:
     res = {"threads": args.threads, "cpu_count": os.cpu_count(), "torch": torch.__version__,
            "processor": platform.processor() or platform.machine(), "load_average_before": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp:
-        store = _store(Path(tmp), args.subjects, args.locations)
+        store = PatchStore(make_toy_store(Path(tmp) / "store", n_subjects=args.subjects, grid=(args.locations, 1, 1),
+                                          with_labels=False))
         n = store.num_subjects * store.num_locations
         embed_cohort(enc, store, subjects=list(range(min(8, args.subjects))), progress=False, device="cpu")  # warm-up
         times = []

@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     from drasclr_lib.preprocess.cohort import preprocess_cohort
     from drasclr_lib.segmentation import SegConfig
     from drasclr_lib.segmentation import experiment as ex
+    from drasclr_lib.segmentation.baselines import baseline_dice
     from drasclr_lib.training import PretrainConfig, pretrain
     from drasclr_lib.utils import save_json
 
@@ -113,8 +114,8 @@ def main(argv=None) -> int:
     times["finetune_s"] = time.perf_counter() - t
     summary = ex.summarize(runs)
     rules = {"every lung voxel": "all_lung", "-950 HU in the lung": "laa950"} if lung_masks else {"-950 HU": "laa950"}
-    baselines = {k: float(ex.baseline_dice(store, test_idx, rule=r, num_classes=args.num_classes, lung_masks=lung_masks,
-                                           max_patches=args.eval_patches or None)["dice"].mean())
+    baselines = {k: float(baseline_dice(store, test_idx, rule=r, num_classes=args.num_classes, lung_masks=lung_masks,
+                                        max_patches=args.eval_patches or None)["dice"].mean())
                  for k, r in rules.items()}
 
     import matplotlib

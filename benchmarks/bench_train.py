@@ -13,7 +13,7 @@
 
 The data side must deliver at least 5x what the model consumes so that loading never stalls
 training. Store: ``--store DIR`` (a patch store, e.g. notebook 01's), or by default a generated
-toy store of 32³ patches (``drasclr_lib.data.toy.make_toy_store``; 24 subjects x 18 locations).
+toy store of 32³ patches (``drasclr_lib.testing.make_toy_store``; 24 subjects x 18 locations).
 
 Usage::
 
@@ -121,7 +121,7 @@ def main(argv=None) -> int:
     if a.store:
         store = PatchStore(a.store)
     else:
-        from drasclr_lib.data.toy import make_toy_store
+        from drasclr_lib.testing import make_toy_store
 
         tmp = tempfile.TemporaryDirectory()
         store = PatchStore(make_toy_store(Path(tmp.name) / "store", n_subjects=max(24, a.batch_size)))

@@ -41,6 +41,10 @@ decision and gamma with the min and max taken over all channels (MONAI's ``Adjus
 training data uses this for the K neighbours of an anchor, passed as the channels of one sample as
 in the published code (``drasclr_lib.training.data.PatchPairDataset.augment_views``). The random
 parameters drawn depend on the batch size only, not on C.
+
+(About 350 lines, one idea: the augmentation of the spec string, in its two backends, the batched
+torch one and the MONAI reference it is checked against; splitting them would separate the two
+implementations a test compares.)
 """
 
 from __future__ import annotations

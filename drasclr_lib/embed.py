@@ -185,8 +185,7 @@ def embed_cohort(
         store = PatchStore(store)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    idx = list(range(store.num_subjects)) if subjects is None else [
-        int(s) if isinstance(s, (int, np.integer)) else store.index(s) for s in subjects]
+    idx = list(range(store.num_subjects)) if subjects is None else [store.index(s) for s in subjects]
     if not idx:
         raise ValueError(f"no subjects to embed in {store.root}")
     dev = _encoder_device(encoder, device)

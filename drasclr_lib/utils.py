@@ -51,12 +51,9 @@ def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) random number generators."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
-    try:
-        import torch
+    import torch  # imported here so that modules without torch work import drasclr_lib.utils quickly
 
-        torch.manual_seed(seed)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    torch.manual_seed(seed)
 
 
 def output_dir(name: str | None = None, root: str | os.PathLike | None = None) -> Path:

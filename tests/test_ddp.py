@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from drasclr_lib.data.toy import make_toy_store
+from drasclr_lib.testing import make_toy_store
 
 pytestmark = pytest.mark.slow
 

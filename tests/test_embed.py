@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from drasclr_lib.data.patch_store import PatchStore
-from drasclr_lib.data.toy import make_toy_store
+from drasclr_lib.testing import make_toy_store
 from drasclr_lib.embed import EmbeddingSet, embed_cohort, embed_subject, pool_subjects
 from drasclr_lib.embed_cli import cli_main
 from drasclr_lib.models import DrasEncoder, calibrate_batchnorm, random_encoder

@@ -9,7 +9,7 @@ import torch
 from drasclr_lib.data.patch_store import PatchStore
 from drasclr_lib.models import random_encoder
 from drasclr_lib.evaluation import pair_similarities, retrieval_top1, even_indices, view_metrics
-from drasclr_lib.data.toy import make_toy_store
+from drasclr_lib.testing import make_toy_store
 
 
 @pytest.fixture(scope="module")

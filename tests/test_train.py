@@ -15,7 +15,7 @@ import torch
 from drasclr_lib.training import PretrainConfig, cli_main, cosine_factor, effective_lr, effective_queue_size, pretrain
 from drasclr_lib.training.checkpoint import HISTORY_COLUMNS, load_checkpoint
 from drasclr_lib.training.loop import pretrain_model
-from drasclr_lib.data.toy import make_toy_store
+from drasclr_lib.testing import make_toy_store
 
 
 @pytest.fixture(scope="module")

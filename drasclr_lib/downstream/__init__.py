@@ -6,7 +6,8 @@
 - :mod:`~drasclr_lib.downstream.survival`: PCA + penalised Cox, C-index, Kaplan-Meier / log-rank.
 - :mod:`~drasclr_lib.downstream.subtypes`: dominant emphysema subtype per patch and its classifier.
 - :mod:`~drasclr_lib.downstream.experiment`: :func:`run_downstream`, the whole comparison table.
-- :mod:`~drasclr_lib.downstream.ablations`: pretraining runs of MoCo / DrasCLR ablations (train or reuse).
+- :mod:`~drasclr_lib.downstream.ablations`: patch embeddings of the compared encoders (their
+  pretraining runs: :mod:`drasclr_lib.training.runs`).
 - :mod:`~drasclr_lib.downstream.plots`: bar chart, Kaplan-Meier and subtype-map figures.
 """
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from drasclr_lib.downstream.experiment import METHOD_LABELS, DownstreamResult
 from drasclr_lib.downstream.subtypes import SUBTYPE_NAMES
-from drasclr_lib.preprocess.patches import paste_patches
+from drasclr_lib.data.patch_store import paste_patches
 from drasclr_lib.utils import atomic_path
 
 __all__ = ["DEFAULT_BARS", "plot_results_bars", "plot_km", "pick_map_subject", "subtype_slice", "plot_subtype_map"]

@@ -4,7 +4,7 @@ Modules, in pipeline order:
 
 - :mod:`~drasclr_lib.preprocess.io`: ``read_ct`` (HU, LPS), ``read_label``, ``reorient``
 - :mod:`~drasclr_lib.preprocess.resample`: ``resample_isotropic`` (1 mm, ``PAD_VOXELS`` = 60
-  voxels of padding), ``image_grid``
+  voxels of padding)
 - :mod:`~drasclr_lib.preprocess.lung_mask`: ``segment_lungs`` (no network)
 - :mod:`~drasclr_lib.preprocess.registration`: ``register_masks``, ``registration_dice``,
   ``mask_dice`` (the one mask Dice)
@@ -13,7 +13,8 @@ Modules, in pipeline order:
 - :mod:`~drasclr_lib.preprocess.atlas`: ``Atlas``
 - :mod:`~drasclr_lib.preprocess.atlas_source`: ``resolve_atlas`` (given, saved in a store, or
   built from ``choose_reference``'s subject)
-- :mod:`~drasclr_lib.preprocess.patches`: ``extract_patches``, ``cut_patches``, ``paste_patches``
+- :mod:`~drasclr_lib.preprocess.patches`: ``map_corners``, ``extract_patches`` (the box
+  geometry, ``cut_patches`` / ``paste_patches``, is the store's: :mod:`drasclr_lib.data.patch_store`)
 - :mod:`~drasclr_lib.preprocess.pipeline`: ``scan_to_1mm``, ``process_scan`` (one scan, all
   stages, writes nothing)
 - :mod:`~drasclr_lib.preprocess.cohort`: ``preprocess_subject``, ``preprocess_cohort``

@@ -26,7 +26,8 @@ import SimpleITK as sitk
 
 from drasclr_lib.preprocess.io import reorient
 from drasclr_lib.preprocess.landmarks import atlas_landmarks, nearest_neighbors, normalize_locations
-from drasclr_lib.preprocess.resample import PAD_VOXELS, grid_image, image_grid
+from drasclr_lib.data.patch_store import grid_image, image_grid
+from drasclr_lib.preprocess.resample import PAD_VOXELS
 
 __all__ = ["Atlas"]
 

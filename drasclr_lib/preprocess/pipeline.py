@@ -17,7 +17,8 @@ notebooks use it), :func:`process_scan` all five. Their callers: the store write
 (:func:`~drasclr_lib.preprocess.cohort.preprocess_subject`: ``process_scan`` then
 ``write_subject``), whole-scan inference
 (:func:`~drasclr_lib.segmentation.inference.segment_scan`), ``Atlas.from_subject`` and notebook
-``01_preprocessing``.
+``01_preprocessing``. :func:`on_subject_grid` puts a file back on a subject's recorded 1 mm grid
+(the explorer draws the CT there, segmentation cuts a lung mask there like the patches).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ import SimpleITK as sitk
 from drasclr_lib.preprocess.errors import PreprocessError
 from drasclr_lib.preprocess.resample import PAD_VOXELS
 
-__all__ = ["Scan1mm", "ScanPatches", "scan_to_1mm", "process_scan", "manifest_files", "DEFAULT_QC_DICE",
-           "LABEL_COLUMNS"]
+__all__ = ["Scan1mm", "ScanPatches", "scan_to_1mm", "process_scan", "on_subject_grid", "manifest_files",
+           "DEFAULT_QC_DICE", "LABEL_COLUMNS"]
 
 #: Registration Dice under which a subject's record says ``qc_pass: False``.
 DEFAULT_QC_DICE = 0.8
@@ -122,9 +123,8 @@ class ScanPatches(Scan1mm):
         Raises:
             ValueError: when the scan has no subject id.
         """
-        from drasclr_lib.data.patch_store import SubjectRecord
+        from drasclr_lib.data.patch_store import SubjectRecord, image_grid
         from drasclr_lib.preprocess.registration import transform_to_dict
-        from drasclr_lib.preprocess.resample import image_grid
 
         if self.sid is None:
             raise ValueError("a record needs the subject id: give process_scan(..., sid=...)")
@@ -267,3 +267,29 @@ def process_scan(image: ImageLike, atlas, *, lung_mask: ImageLike | None = None,
                        label_patches=cut["label_patches"], patch_lung_fraction=cut["lung_fraction"],
                        patch_emph_fraction=cut["emph_fraction"], patch_lobe=cut["lobe"], patch_laa950=cut["laa950"],
                        inside_fraction=cut["inside_fraction"])
+
+
+def on_subject_grid(path: str | os.PathLike, grid: sitk.Image, *, kind: str = "ct", sid: str | None = None) -> sitk.Image:
+    """A CT or label file on a subject's padded 1 mm grid, where its patches were cut.
+
+    Args:
+        path: the file (or DICOM folder), read as preprocessing reads it (reoriented to LPS).
+        grid: the subject's grid (:meth:`~drasclr_lib.data.patch_store.PatchStore.subject_grid`).
+        kind: ``"ct"`` (HU, checked like every CT, linear interpolation, -1024 HU outside; float32)
+            or ``"label"`` (nearest neighbour, 0 outside; uint8).
+        sid: subject id named in errors.
+
+    Raises:
+        PreprocessError: when a CT cannot be read (naming the subject and file).
+        ValueError: for an unknown ``kind``.
+    """
+    from drasclr_lib.preprocess.io import read_ct, reorient
+    from drasclr_lib.preprocess.patches import resample_to_grid
+
+    if kind == "ct":
+        img = read_ct(path, sid=sid)
+        return sitk.Resample(sitk.Cast(img, sitk.sitkFloat32), grid, sitk.Transform(), sitk.sitkLinear, -1024.0,
+                             sitk.sitkFloat32)
+    if kind == "label":
+        return resample_to_grid(reorient(sitk.ReadImage(os.fspath(path))), grid)
+    raise ValueError(f"kind must be 'ct' or 'label', got {kind!r}")

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["resample_isotropic", "isotropic_grid", "image_grid", "grid_image", "available_cores", "PAD_VOXELS"]
+__all__ = ["resample_isotropic", "isotropic_grid", "available_cores", "PAD_VOXELS"]
 
 #: Voxels of -1024 HU padding on every side of a subject's 1 mm volume (60 in the paper): the one
 #: default of the resampling, the per-scan pipeline, the cohort runner, inference and the CLI.
@@ -26,28 +26,6 @@ def available_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
-
-
-def image_grid(img: sitk.Image) -> dict:
-    """The grid of an image in the form :func:`isotropic_grid` returns (and records store as
-    ``grid_1mm``): ``origin`` (3 floats, mm), ``spacing`` (3 floats, mm), ``direction`` (9 floats),
-    ``size`` (3 ints)."""
-    return {"origin": [float(v) for v in img.GetOrigin()], "spacing": [float(v) for v in img.GetSpacing()],
-            "direction": [float(v) for v in img.GetDirection()], "size": [int(v) for v in img.GetSize()]}
-
-
-def grid_image(grid: dict, pixel_type: int = sitk.sitkUInt8) -> sitk.Image:
-    """An empty image on a grid given as :func:`image_grid` returns it (the inverse).
-
-    Args:
-        grid: ``origin``, ``spacing``, ``direction`` (9 values), ``size``.
-        pixel_type: SimpleITK pixel type (default ``sitkUInt8``).
-    """
-    img = sitk.Image([int(v) for v in grid["size"]], pixel_type)
-    img.SetOrigin([float(v) for v in grid["origin"]])
-    img.SetSpacing([float(v) for v in grid["spacing"]])
-    img.SetDirection([float(v) for v in np.asarray(grid["direction"], dtype=np.float64).ravel()])
-    return img
 
 
 def isotropic_grid(img: sitk.Image, spacing: float = 1.0, pad: int = PAD_VOXELS) -> dict:

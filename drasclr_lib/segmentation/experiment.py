@@ -8,11 +8,8 @@ sampling seed and the same decoder initialisation: the comparison between initia
 paired. Two fractions that give the same ``n`` train the very same run (identical subset, seed
 and settings); it is trained once and its row is repeated.
 
-Baselines that need no training (:func:`baseline_dice`) bound what a broken pipeline reaches:
-predicting background everywhere, every lung voxel as emphysema, or the classic density rule
-(lung voxels below -950 HU).
-
-(About 360 lines, kept in one module: notebook 05 calls every step of the experiment as ``ex.<name>``.)
+Baselines that need no training (:func:`drasclr_lib.segmentation.baselines.baseline_dice`) bound
+what a broken pipeline reaches.
 """
 
 from __future__ import annotations
@@ -25,11 +22,10 @@ import numpy as np
 import pandas as pd
 
 from drasclr_lib.data.patch_store import PatchStore
-from drasclr_lib.segmentation.train import (SegConfig, candidate_pairs, class_names, dice_scores, evaluate_segmenter,
-                                            lung_patches, patch_targets, train_segmenter)
+from drasclr_lib.segmentation.train import SegConfig, class_names, evaluate_segmenter, train_segmenter
 
-__all__ = ["split_subjects", "ensure_moco_checkpoint", "subset_sizes", "nested_subsets", "label_efficiency", "summarize", "plot_label_efficiency",
-           "lung_patches", "baseline_dice"]
+__all__ = ["split_subjects", "ensure_moco_checkpoint", "subset_sizes", "nested_subsets", "label_efficiency",
+           "summarize", "plot_label_efficiency"]
 
 
 def _round_half_up(x: float) -> int:
@@ -150,10 +146,6 @@ def nested_subsets(train_subjects: Sequence[int], fractions: Sequence[float], se
     return {float(f): [int(s) for s in subjects[order[:n]]] for f, n in zip(fractions, sizes)}
 
 
-def _indices(store: PatchStore, subjects) -> list[int]:
-    return [int(s) if isinstance(s, (int, np.integer)) else store.index(s) for s in subjects]
-
-
 def label_efficiency(store: PatchStore, *, train_subjects: Sequence, test_subjects: Sequence,
                      fractions: Sequence[float] = (0.05, 0.1, 0.25, 1.0),
                      inits: Mapping[str, str | Path | None], seeds: Sequence[int] = (0, 1, 2),
@@ -197,7 +189,7 @@ def label_efficiency(store: PatchStore, *, train_subjects: Sequence, test_subjec
     from drasclr_lib.segmentation.model import INITS, build_segmenter
     from drasclr_lib.utils import load_json, save_json
 
-    train_idx, test_idx = _indices(store, train_subjects), _indices(store, test_subjects)
+    train_idx, test_idx = [store.index(s) for s in train_subjects], [store.index(s) for s in test_subjects]
     if not train_idx or not test_idx:
         raise ValueError("label_efficiency needs non-empty train_subjects and test_subjects")
     overlap = set(train_idx) & set(test_idx)
@@ -315,51 +307,3 @@ def plot_label_efficiency(summary: pd.DataFrame, *, baselines: Mapping[str, floa
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
-
-
-def baseline_dice(store: PatchStore, subjects: Sequence, *, rule: str, num_classes: int = 2,
-                  lung_masks: Mapping[str, str | Path] | None = None, min_lung_fraction: float = 0.05,
-                  max_patches: int | None = None) -> pd.DataFrame:
-    """Dice of a rule that needs no training, scored like :func:`evaluate_segmenter`.
-
-    Args:
-        store: patch store with label patches.
-        subjects: indices or sids.
-        rule: ``"background"`` (predict no emphysema anywhere), ``"all_lung"`` (every lung voxel is
-            emphysema, class 1 for the 4-class task; needs ``lung_masks``) or ``"laa950"`` (lung
-            voxels below -950 HU are emphysema, class 1; inside the lung when ``lung_masks`` are
-            given, else every voxel below -950 HU).
-        num_classes: 2 or 4, as the trained models.
-        lung_masks: ``{sid: lung mask file}`` (the manifest's ``lung_mask``).
-        min_lung_fraction, max_patches: the same patch selection as the trained models' evaluation.
-
-    Returns:
-        DataFrame with ``sid``, ``dice`` and ``dice_<class>`` per foreground class.
-
-    Raises:
-        ValueError: for an unknown rule, or ``all_lung`` without lung masks.
-    """
-    if rule not in ("background", "all_lung", "laa950"):
-        raise ValueError(f"rule must be 'background', 'all_lung' or 'laa950', got {rule!r}")
-    rows = []
-    for s in _indices(store, subjects):
-        sid = store.sids[s]
-        locs = candidate_pairs(store, [s], min_lung_fraction)[:, 1]
-        if max_patches and len(locs) > max_patches:
-            locs = locs[np.unique(np.linspace(0, len(locs) - 1, int(max_patches)).round().astype(int))]
-        truth = patch_targets(store.label_patches(s)[locs], num_classes)
-        lung = None
-        if lung_masks is not None and sid in lung_masks:
-            lung = lung_patches(store, s, lung_masks[sid])[locs]
-        if rule == "background":
-            pred = np.zeros_like(truth)
-        elif rule == "all_lung":
-            if lung is None:
-                raise ValueError(f"rule 'all_lung' needs the lung mask of subject {sid}")
-            pred = lung.astype(np.int64)
-        else:
-            pred = (np.asarray(store.patches(s)[locs]) < -950).astype(np.int64)
-            if lung is not None:
-                pred &= lung
-        rows.append({"sid": sid, **dice_scores(pred, truth, num_classes)})
-    return pd.DataFrame(rows)

@@ -26,9 +26,8 @@ import torch
 from tqdm.auto import tqdm
 
 from drasclr_lib.preprocess.atlas_source import resolve_atlas
-from drasclr_lib.preprocess.patches import add_patches
 from drasclr_lib.preprocess.pipeline import process_scan
-from drasclr_lib.preprocess.resample import grid_image
+from drasclr_lib.data.patch_store import add_patches, grid_image
 from drasclr_lib.utils import atomic_path, resolve_device
 
 __all__ = ["PatchBlender", "input_geometry", "to_input_grid", "segment_scan", "default_output_path",

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from drasclr_lib.data.patch_store import PatchStore
+from drasclr_lib.data.patch_store import PatchStore, cut_patches
 from drasclr_lib.intensity import hu_to_input
 from drasclr_lib.utils import resolve_device, seed_everything
 
@@ -324,12 +324,10 @@ def lung_patches(store: PatchStore, subject: int | str, lung_mask_path: str | Pa
     """
     import SimpleITK as sitk
 
-    from drasclr_lib.preprocess.io import reorient
-    from drasclr_lib.preprocess.patches import cut_patches, resample_to_grid
+    from drasclr_lib.preprocess.pipeline import on_subject_grid
 
     grid, corners = store.subject_grid(subject), store.corners(subject)
-    mask = reorient(sitk.ReadImage(str(lung_mask_path)))
-    on_grid = sitk.GetArrayFromImage(resample_to_grid(mask, grid))
+    on_grid = sitk.GetArrayFromImage(on_subject_grid(lung_mask_path, grid, kind="label"))
     return cut_patches(on_grid, corners, store.patch_size, 0)[0] > 0
 
 

@@ -15,6 +15,9 @@ shows
 
 The volumes it draws come from :mod:`drasclr_lib.viz.volumes` (the re-read CT on the subject's
 1 mm grid, or a mosaic of the stored patches; the figure says which).
+
+(About 350 lines, one idea: the explorer, as a static figure and as a widget panel that draw the
+same views; the volumes it draws are in :mod:`drasclr_lib.viz.volumes`.)
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ draw: the CT re-read from the manifest path in the store's ``image`` column and 
 (:meth:`~drasclr_lib.data.patch_store.PatchStore.subject_grid`), so the boxes at the subject's
 patch corners (:meth:`~drasclr_lib.data.patch_store.PatchStore.corners`) sit where the patches
 were cut. When the image or the geometry is not available, the subject's own patches are pasted
-at their corners (:func:`~drasclr_lib.preprocess.patches.paste_patches`) into a mosaic volume.
+at their corners (:func:`~drasclr_lib.data.patch_store.paste_patches`) into a mosaic volume.
 :func:`similarity_slice` paints per-patch values over an axial slice.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from drasclr_lib.preprocess.patches import add_patches, paste_patches
+from drasclr_lib.data.patch_store import add_patches, paste_patches
 
 __all__ = ["SubjectVolume", "load_subject_volume", "similarity_slice"]
 
@@ -54,7 +54,7 @@ def _ct_volume(store, s: int) -> SubjectVolume:
     """Re-read the CT of subject ``s`` and resample it onto its recorded 1 mm grid."""
     import SimpleITK as sitk
 
-    from drasclr_lib.preprocess.io import read_ct
+    from drasclr_lib.preprocess.pipeline import on_subject_grid
 
     sid = store.sids[s]
     if "image" not in store.table.columns:
@@ -62,10 +62,8 @@ def _ct_volume(store, s: int) -> SubjectVolume:
     path = store.table.loc[sid, "image"]
     if not isinstance(path, str) or not Path(path).exists():
         raise FileNotFoundError(f"subject {sid}: CT file {path!r} (subjects.csv 'image') does not exist")
-    ref, corners = store.subject_grid(s, sitk.sitkInt16), store.corners(s)
-    img = read_ct(path, sid=sid)
-    res = sitk.Resample(sitk.Cast(img, sitk.sitkFloat32), ref, sitk.Transform(), sitk.sitkLinear, -1024.0,
-                        sitk.sitkFloat32)
+    grid, corners = store.subject_grid(s), store.corners(s)
+    res = on_subject_grid(path, grid, kind="ct", sid=sid)
     hu = np.clip(np.rint(sitk.GetArrayFromImage(res)), -1024, 3071).astype(np.int16)
     return SubjectVolume(sid, hu, corners, store.patch_size, "CT")
 
@@ -98,7 +96,7 @@ def load_subject_volume(store, subject: int | str, *, source: str = "auto") -> S
     """
     if source not in {"auto", "ct", "patches"}:
         raise ValueError(f"source must be 'auto', 'ct' or 'patches', got {source!r}")
-    s = int(subject if isinstance(subject, (int, np.integer)) else store.index(subject))
+    s = store.index(subject)
     if source == "patches":
         return _mosaic_volume(store, s)
     if source == "ct":

@@ -9,11 +9,11 @@ import math
 import numpy as np
 import pytest
 
-import drasclr_lib.data.patch_store as ps
+import drasclr_lib.data.patch_store.writer as ps_writer
 from drasclr_lib.data.patch_store import (PatchStore, SubjectRecord, clear_failure, ensure_store_meta, finalize_store,
                                           patch_table, record_failure, remove_stale_temps, subject_done,
                                           write_failures_table, write_store_meta, write_subject)
-from drasclr_lib.preprocess.patches import add_patches, cut_patches, paste_patches
+from drasclr_lib.data.patch_store import add_patches, cut_patches, paste_patches
 
 CORNERS = np.array([[0, 0, 0], [26, 0, 0], [0, 26, 0]])
 
@@ -112,7 +112,7 @@ def test_record_goes_last_and_an_interrupted_write_leaves_no_subject(tmp_path, m
     def dying(obj, path):
         raise KeyboardInterrupt("killed while writing the record")
 
-    monkeypatch.setattr(ps, "save_json", dying)
+    monkeypatch.setattr(ps_writer, "save_json", dying)
     with pytest.raises(KeyboardInterrupt):
         write_subject(root, "s1", np.zeros((3, 4, 4, 4)), record={"laa950": 1.0})
     assert (root / "patches" / "s1.npy").exists() and not subject_done(root, "s1")  # patches first, record last
@@ -270,7 +270,7 @@ def test_add_patches_sums_and_counts():
 # -- patch_table ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    from drasclr_lib.data.toy import make_toy_store
+    from drasclr_lib.testing import make_toy_store
 
     return PatchStore(make_toy_store(tmp_path_factory.mktemp("toy"), n_subjects=5, grid=(2, 2, 2)))
 

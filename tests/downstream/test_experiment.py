@@ -5,7 +5,7 @@ import pytest
 from drasclr_lib.data.patch_store import PatchStore, finalize_store
 from drasclr_lib.downstream.experiment import run_downstream
 from drasclr_lib.embed import EmbeddingSet
-from drasclr_lib.data.toy import make_toy_store
+from drasclr_lib.testing import make_toy_store
 
 
 @pytest.fixture(scope="module")

@@ -159,7 +159,7 @@ def test_shards_interrupt_and_resume(store_dir, cohort_dir, tmp_path, monkeypatc
     assert all(store.record(s).reg_dice >= 0.8 for s in store.sids)
 
     # shard 0/2 (bad, s1), interrupted while s1's record is being written
-    import drasclr_lib.data.patch_store as ps
+    import drasclr_lib.data.patch_store.writer as ps
 
     real_save_json = ps.save_json
 

@@ -7,7 +7,8 @@ import pytest
 import SimpleITK as sitk
 
 from drasclr_lib.preprocess.atlas import Atlas
-from drasclr_lib.preprocess.patches import cut_patches, extract_patches, map_corners, resample_to_grid
+from drasclr_lib.data.patch_store import cut_patches
+from drasclr_lib.preprocess.patches import extract_patches, map_corners, resample_to_grid
 
 
 def _image(arr_kji, origin=(0.0, 0.0, 0.0), direction=(1, 0, 0, 0, 1, 0, 0, 0, 1), dtype=None):

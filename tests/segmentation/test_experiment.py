@@ -8,10 +8,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from drasclr_lib.data.patch_store import PatchStore, finalize_store, write_store_meta, write_subject
+from drasclr_lib.data.patch_store import PatchStore, cut_patches
 from drasclr_lib.segmentation import experiment as ex
-from drasclr_lib.segmentation.train import SegConfig
-from drasclr_lib.data.toy import make_toy_store
+from drasclr_lib.segmentation.baselines import baseline_dice
+from drasclr_lib.segmentation.train import SegConfig, lung_patches
+from drasclr_lib.testing import make_toy_store
 
 
 def test_subset_sizes():
@@ -124,76 +125,44 @@ def test_plot_label_efficiency():
 def geo_store(tmp_path):
     """A 2-subject store with records like preprocessing writes (grid_1mm, corners_subject) and
     lung-mask files, for the lung-aware baselines."""
-    P = 8
-    corners = np.array([[0, 0, 0], [4, 2, 1]])
-    root = tmp_path / "store"
-    write_store_meta(root, corners, np.zeros((2, 3)), np.array([[1], [0]]), patch_size=P)
-    rng = np.random.default_rng(0)
-    masks = {}
-    for n in range(2):
-        sid = f"s{n}"
-        lung = np.zeros((12, 12, 16), np.uint8)  # (k, j, i)
-        lung[2:10, 1:11, 2 + n:12] = 1
-        img = sitk.GetImageFromArray(lung)
-        img.SetOrigin((-5.0, 3.0, 7.0))
-        masks[sid] = tmp_path / f"{sid}_lung.nii.gz"
-        sitk.WriteImage(img, str(masks[sid]))
-        hu = np.where(lung > 0, -850, 40).astype(np.int16)
-        label = ((lung > 0) & (rng.random(lung.shape) < 0.4)).astype(np.uint8)
-        hu[label > 0] = -990
-        from drasclr_lib.preprocess.patches import cut_patches
-
-        rec = {"grid_1mm": {"origin": [-5.0, 3.0, 7.0], "spacing": [1.0] * 3, "direction": np.eye(3).ravel().tolist(),
-                            "size": [16, 12, 12]}, "corners_subject": (corners + n).tolist()}
-        write_subject(root, sid, cut_patches(hu, corners + n, P, -1024)[0],
-                      label_patches=cut_patches(label, corners + n, P, 0)[0], record=rec)
-    finalize_store(root)
-    return PatchStore(root), masks
+    root = make_toy_store(tmp_path / "store", n_subjects=2, grid=(2, 1, 1), patch_size=8, scans=tmp_path / "scans")
+    store = PatchStore(root)
+    return store, {sid: store.table.loc[sid, "lung_mask"] for sid in store.sids}
 
 
 def test_lung_patches_cut_like_preprocessing(geo_store):
-    from drasclr_lib.preprocess.patches import cut_patches
-
     store, masks = geo_store
     for n, sid in enumerate(store.sids):
-        lung = sitk.GetArrayFromImage(sitk.ReadImage(str(masks[sid])))
+        mask = sitk.ReadImage(str(masks[sid]))  # the grid starts inside the scan: cut from there
+        i0, j0, k0 = np.rint(np.subtract(store.subject_grid(sid).GetOrigin(), mask.GetOrigin())).astype(int)
+        assert min(i0, j0, k0) > 0
+        lung = sitk.GetArrayFromImage(mask)[k0:, j0:, i0:]
         expect = cut_patches(lung, store.corners(sid), 8, 0)[0] > 0
-        np.testing.assert_array_equal(ex.lung_patches(store, sid, masks[sid]), expect)
+        np.testing.assert_array_equal(lung_patches(store, sid, masks[sid]), expect)
 
 
 def test_baselines(geo_store):
     store, masks = geo_store
-    bg = ex.baseline_dice(store, store.sids, rule="background", min_lung_fraction=0)
+    bg = baseline_dice(store, store.sids, rule="background", min_lung_fraction=0)
     assert (bg["dice"] == 0).all()  # every subject has emphysema
-    laa = ex.baseline_dice(store, store.sids, rule="laa950", lung_masks=masks, min_lung_fraction=0)
+    laa = baseline_dice(store, store.sids, rule="laa950", lung_masks=masks, min_lung_fraction=0)
     assert laa["dice"].tolist() == [1.0, 1.0]  # emphysema is exactly the lung voxels at -990 HU
-    lung = ex.baseline_dice(store, store.sids, rule="all_lung", lung_masks=masks, min_lung_fraction=0)
+    lung = baseline_dice(store, store.sids, rule="all_lung", lung_masks=masks, min_lung_fraction=0)
     for s in range(2):
         lab = store.label_patches(s) > 0
-        inside = ex.lung_patches(store, s, masks[store.sids[s]])
+        inside = lung_patches(store, s, masks[store.sids[s]])
         assert lung["dice"][s] == pytest.approx(2 * lab.sum() / (lab.sum() + inside.sum()))
     with pytest.raises(ValueError, match="lung mask"):
-        ex.baseline_dice(store, [0], rule="all_lung")
+        baseline_dice(store, [0], rule="all_lung")
     with pytest.raises(ValueError, match="rule"):
-        ex.baseline_dice(store, [0], rule="otsu")
+        baseline_dice(store, [0], rule="otsu")
 
 
-def test_ensure_moco_checkpoint_reuses_same_budget_then_any_budget_then_trains(tmp_path, monkeypatch):
-    from pathlib import Path
-
+def test_ensure_moco_checkpoint_reuses_same_budget_then_any_budget_then_trains(tmp_path, fake_pretrain):
     from drasclr_lib.training import PretrainConfig, runs
     from drasclr_lib.utils import save_json
 
-    calls = []
-
-    def fake_pretrain(cfg):
-        calls.append(cfg)
-        out = Path(cfg.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "checkpoint.pt").write_bytes(b"x")
-        return out / "checkpoint.pt"
-
-    monkeypatch.setattr(runs, "pretrain", fake_pretrain)
+    calls = fake_pretrain
     store, nb04, out = tmp_path / "store", tmp_path / "04", tmp_path / "05"
     kw = dict(drasclr_run=None, store=store, out_root=out, reuse_roots=[nb04], max_steps=5)
     path, how = ex.ensure_moco_checkpoint(**kw)  # nothing to reuse: the fallback budget, trained here

@@ -35,7 +35,7 @@ def test_dice_scores_against_hand_counts():
 
 
 def test_candidate_pairs_uses_lung_fraction(tmp_path):
-    from drasclr_lib.data.toy import make_toy_store
+    from drasclr_lib.testing import make_toy_store
     from drasclr_lib.utils import load_json, save_json
 
     root = make_toy_store(tmp_path / "s", n_subjects=2, grid=(2, 1, 2), patch_size=8)

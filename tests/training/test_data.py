@@ -198,7 +198,7 @@ def test_augment_views_batch_shares_per_anchor_not_across_anchors(toy_store, mon
 
 def test_device_augmentation_in_the_loop_uses_augment_views(tmp_path, monkeypatch):
     from drasclr_lib.training import PretrainConfig, pretrain
-    from drasclr_lib.data.toy import make_toy_store
+    from drasclr_lib.testing import make_toy_store
 
     root = make_toy_store(tmp_path / "store", n_subjects=8, grid=(2, 2, 1), patch_size=16)
     calls = []

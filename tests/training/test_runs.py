@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from drasclr_lib.data.toy import make_toy_store
+from drasclr_lib.testing import make_toy_store
 from drasclr_lib.training import runs
 from drasclr_lib.training.checkpoint import load_checkpoint
 from drasclr_lib.training.config import PretrainConfig
@@ -18,23 +18,6 @@ from drasclr_lib.utils import save_json
 
 def _base(tmp_path, **kw):
     return PretrainConfig(store=str(tmp_path / "store"), epochs=1, max_steps=5, batch_size=4, queue_size=8, **kw)
-
-
-@pytest.fixture
-def fake_pretrain(monkeypatch):
-    """``pretrain`` replaced by one that writes a (fake) checkpoint and config.json; returns its calls."""
-    calls = []
-
-    def fake(cfg):
-        calls.append(cfg)
-        out = Path(cfg.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "checkpoint.pt").write_bytes(b"x")
-        save_json(cfg.to_dict(), out / "config.json")
-        return out / "checkpoint.pt"
-
-    monkeypatch.setattr(runs, "pretrain", fake)
-    return calls
 
 
 def test_method_flags_and_same_budget(tmp_path):

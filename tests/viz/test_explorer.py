@@ -8,48 +8,28 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt
 import numpy as np
-import pandas as pd
 import pytest
 import SimpleITK as sitk
 
-from drasclr_lib.data.patch_store import PatchStore, finalize_store, write_store_meta, write_subject
+from drasclr_lib.data.patch_store import PatchStore
 from drasclr_lib.embed import EmbeddingSet
+from drasclr_lib.testing import make_toy_store
 from drasclr_lib.viz.explorer import PatchExplorer, cosine_to, show_explorer, similar_subjects
 from drasclr_lib.viz.volumes import SubjectVolume, load_subject_volume, similarity_slice
 
 P = 32
-CORNERS = np.array([[4, 6, 8], [30, 10, 20], [20, 30, 10], [8, 8, 30]])  # (i, j, k) in the 1 mm grid
 
 
 @pytest.fixture(scope="module")
 def ct_store(tmp_path_factory):
     """A store whose subjects have a real CT file, a recorded 1 mm grid and patch corners.
 
-    The 1 mm grid starts 3 mm past the scan's origin on every axis (as a padded/cropped grid would),
-    so the explorer must resample onto the recorded grid to line the boxes up with the patches.
+    The toy store's 1 mm grid starts 3 mm past the scan's origin on every axis (as a padded or
+    cropped grid would) and each subject's corners are shifted, so the explorer must resample onto
+    the recorded grid and use the subject's corners to line the boxes up with the patches.
     """
     root = tmp_path_factory.mktemp("ct_store")
-    rng = np.random.default_rng(0)
-    write_store_meta(root, CORNERS, np.linspace(-1, 1, 12).reshape(4, 3), np.array([[1], [0], [3], [2]]),
-                     patch_size=P)
-    rows = []
-    for n in range(3):
-        sid = f"ct{n}"
-        vol = rng.integers(-1000, 100, size=(70, 72, 74)).astype(np.float32)  # (k, j, i)
-        img = sitk.GetImageFromArray(vol)
-        img.SetSpacing((1.0, 1.0, 1.0))
-        img.SetOrigin((-10.0, 5.0, 2.0))
-        path = root / f"{sid}.nii.gz"
-        sitk.WriteImage(img, str(path))
-        shift = 3
-        grid = {"origin": [-10.0 + shift, 5.0 + shift, 2.0 + shift], "spacing": [1.0, 1.0, 1.0],
-                "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1], "size": [74 - shift, 72 - shift, 70 - shift]}
-        patches = np.stack([vol[k + shift:k + shift + P, j + shift:j + shift + P, i + shift:i + shift + P]
-                            for i, j, k in CORNERS])
-        write_subject(root, sid, patches, record={"grid_1mm": grid, "corners_subject": CORNERS.tolist()})
-        rows.append({"sid": sid, "image": str(path)})
-    finalize_store(root, pd.DataFrame(rows))
-    return PatchStore(root)
+    return PatchStore(make_toy_store(root / "store", n_subjects=3, grid=(2, 1, 2), patch_size=P, scans=root / "scans"))
 
 
 def _emb(store, seed=0, D=8):
@@ -58,10 +38,13 @@ def _emb(store, seed=0, D=8):
 
 
 def test_ct_volume_lines_up_with_stored_patches(ct_store):
-    vol = load_subject_volume(ct_store, "ct1", source="ct")
-    assert vol.source == "CT" and vol.hu.shape == (67, 69, 71)
+    sid = ct_store.sids[1]
+    vol = load_subject_volume(ct_store, sid, source="ct")
+    scan = sitk.ReadImage(ct_store.table.loc[sid, "image"])
+    grid_shape = tuple(ct_store.subject_grid(sid).GetSize())[::-1]
+    assert vol.source == "CT" and vol.hu.shape == grid_shape and grid_shape != tuple(scan.GetSize())[::-1]
     for n, (i, j, k) in enumerate(vol.corners):
-        np.testing.assert_array_equal(vol.hu[k:k + P, j:j + P, i:i + P], ct_store.get("ct1", n))
+        np.testing.assert_array_equal(vol.hu[k:k + P, j:j + P, i:i + P], ct_store.get(sid, n))
 
 
 def test_mosaic_volume_and_fallback(ct_store, toy_store):
@@ -95,10 +78,10 @@ def test_similarity_helpers():
 
 
 def test_static_figure_and_show(ct_store, tmp_path):
-    ex = PatchExplorer(_emb(ct_store), ct_store, subject="ct2", n_similar=1)
+    ex = PatchExplorer(_emb(ct_store), ct_store, subject=ct_store.sids[2], n_similar=1)
     fig = ex.figure(loc=1)
     titles = [a.get_title() for a in fig.axes]
-    assert any("ct2 (CT)" in t for t in titles) and sum("similar" in t for t in titles) >= 2
+    assert any(f"{ct_store.sids[2]} (CT)" in t for t in titles) and sum("similar" in t for t in titles) >= 2
     plt.close(fig)
     saved = show_explorer(ex, interactive=False, save_to=tmp_path)
     assert saved and all(p.exists() and p.stat().st_size > 1000 for p in saved)

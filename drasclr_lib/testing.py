@@ -1,7 +1,11 @@
-"""A tiny patch store with known structure, written without any preprocessing run.
+"""Test support as library code: tiny patch stores with a known structure, written without any
+preprocessing run.
 
-For tests, benchmarks and trying the API: :func:`make_toy_store` writes a store whose subjects
-have a known disease level, so a pipeline that learns nothing is told apart from one that does.
+For the test suite, the benchmarks and trying the API: :func:`make_toy_store` writes a store whose
+subjects have a known disease level, so a pipeline that learns nothing is told apart from one that
+does; with ``scans=`` it also writes each subject's CT and lung mask and the geometry preprocessing
+records, for code that goes from patches back to scans. It writes stores as preprocessing would,
+so it sits above :mod:`drasclr_lib.data` and :mod:`drasclr_lib.preprocess` and imports both.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ def make_toy_store(root, n_subjects: int = 12, grid: tuple = (3, 3, 2), patch_si
 
     With ``scans`` (a folder), every subject also gets files and geometry as preprocessing writes
     them, for code that goes back from patches to scans (viewers, lung-aware baselines): a CT
-    ``<sid>_ct.nii.gz`` (40 HU body; a lung box of -850 +/- 40 HU, kept above -950; a fraction
-    ``d / 2`` of lung voxels at -990 HU, exactly the label-1 voxels) and its lung mask
+    ``<sid>_ct.nii.gz`` (40 HU body; a lung ellipsoid of -850 +/- 40 HU, kept above -950; a fraction
+    ``0.1 + 0.4 d`` of lung voxels at -990 HU, exactly the label-1 voxels, so every subject has
+    some emphysema) and its lung mask
     ``<sid>_lung.nii.gz``. The subject's 1 mm grid (``grid_1mm``) starts 3 voxels into the scan on
     every axis and its patch corners (``corners_subject``) are the atlas corners shifted by
     ``s mod 3`` voxels, so code that ignores either cuts the wrong voxels; the patches are cut from
@@ -51,8 +56,8 @@ def make_toy_store(root, n_subjects: int = 12, grid: tuple = (3, 3, 2), patch_si
 
     rng = np.random.default_rng(seed)
     corners = toy_corners(grid)
-    write_store_meta(root, corners, normalize_locations(corners), nearest_neighbors(corners, 2),
-                     patch_size=patch_size, atlas="toy")
+    neighbors = nearest_neighbors(corners, min(2, len(corners) - 1))
+    write_store_meta(root, corners, normalize_locations(corners), neighbors, patch_size=patch_size, atlas="toy")
     L, P = len(corners), patch_size
     rows = []
     for s in range(n_subjects):
@@ -79,19 +84,19 @@ def _toy_scan(root, scans: Path, sid: str, s: int, d: float, corners: np.ndarray
     """One subject of :func:`make_toy_store` with ``scans``: files, geometry, patches cut from the grid."""
     import SimpleITK as sitk
 
-    from drasclr_lib.data.patch_store import write_subject
-    from drasclr_lib.preprocess.patches import cut_patches
+    from drasclr_lib.data.patch_store import cut_patches, write_subject
 
     shift = 3  # the 1 mm grid starts this many voxels into the scan
     subject_corners = corners + s % 3
     size_ijk = subject_corners.max(0) + P + 4 + shift  # the scan: every patch inside, a margin beyond
     shape_kji = tuple(int(v) for v in size_ijk[::-1])
-    lung = np.zeros(shape_kji, dtype=np.uint8)
-    lung[shift + 2:-2, shift + 2:-2, shift + 2:-2] = 1
+    kji = np.indices(shape_kji, dtype=np.float64)  # lung: an ellipsoid whose surface crosses patches
+    centre, radii = (np.asarray(shape_kji) + shift) / 2.0, 0.42 * np.asarray(shape_kji)
+    lung = (sum(((kji[a] - centre[a]) / radii[a]) ** 2 for a in range(3)) <= 1).astype(np.uint8)
     ct = np.full(shape_kji, 40, dtype=np.int16)
     inside = lung > 0
     ct[inside] = np.clip(rng.normal(-850, 40, size=int(inside.sum())), -930, -770).astype(np.int16)
-    emph = inside & (rng.random(shape_kji) < 0.5 * d)
+    emph = inside & (rng.random(shape_kji) < 0.1 + 0.4 * d)
     ct[emph] = -990
     origin = np.array([-10.0 + s, 5.0, 2.0])
     scans.mkdir(parents=True, exist_ok=True)

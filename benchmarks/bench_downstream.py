@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="pretraining learning rate at batch 128 (published 0.01), scaled linearly to the batch")
     p.add_argument("--queue-size", type=int, default=4096, help="negatives per location (capped for small cohorts)")
     p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--tasks", default="paper",
+                   help='outcomes: "paper" or e.g. "FEV1pp:continuous, GOLD:ordinal, time+event:survival"')
     p.add_argument("--pca-components", type=int, default=8)
     p.add_argument("--workers", type=int, default=2, help="processes for cohort generation, preprocessing, loading")
     p.add_argument("--work", default=str(REPO / "outputs" / "bench_downstream"), help="cache folder")
@@ -86,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                                              progress=False)
     done()
     done = stage("downstream")
-    res = run_downstream(store, embeddings, folds=args.folds, seed=args.seed, pca_components=args.pca_components,
-                         progress=False)
+    res = run_downstream(store, embeddings, tasks=args.tasks, folds=args.folds, seed=args.seed,
+                         pca_components=args.pca_components, progress=False)
     done()
     for name, df in (("downstream_table.csv", res.table), ("downstream_per_fold.csv", res.per_fold)):
         with atomic_path(results / name) as tmp:

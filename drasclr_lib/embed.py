@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -175,6 +176,12 @@ def embed_cohort(
 
     Raises:
         ValueError: for a store without subjects or a non-positive ``batch_size``.
+
+    Warns:
+        UserWarning: when ``encoder`` comes from a published-format checkpoint
+            (``encoder.checkpoint_format == "published"``, see ``load_encoder``) and the store was
+            not built on the published atlas's 581 locations: the released weights' location
+            inputs then mean other places than they were trained on.
     """
     import torch
     from tqdm.auto import tqdm
@@ -183,6 +190,7 @@ def embed_cohort(
 
     if not isinstance(store, PatchStore):
         store = PatchStore(store)
+    _warn_if_not_published_atlas(encoder, store)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     idx = list(range(store.num_subjects)) if subjects is None else [store.index(s) for s in subjects]
@@ -205,6 +213,24 @@ def embed_cohort(
             "encoder": type(encoder).__name__, "device": str(dev), **(meta or {})}
     return EmbeddingSet(h=h_all, sids=[store.sids[i] for i in idx], locs=store.locs,
                         atlas_corners=store.atlas_corners, meta=info)
+
+
+def _warn_if_not_published_atlas(encoder, store) -> None:
+    """Warn when released (published-format) weights meet a store built on another atlas."""
+    if getattr(encoder, "checkpoint_format", None) != "published":
+        return
+    from drasclr_lib.preprocess.atlas_source import PUBLISHED_NUM_LOCATIONS, is_published_corners
+
+    if is_published_corners(store.atlas_corners):
+        return
+    source = store.meta.get("atlas_source") or store.meta.get("atlas") or "not recorded"
+    warnings.warn(
+        f"patch store {store.root} was built on atlas {source!r} with "
+        f"{store.num_locations} locations, but the encoder comes from a published-format DrasCLR checkpoint, whose "
+        f"location inputs were trained on the {PUBLISHED_NUM_LOCATIONS} locations of the published atlas: here they "
+        "name other places, and the embeddings are not those of the released model. Preprocess the cohort on the "
+        "published atlas (preprocess_cohort(..., atlas='published') or `drasclr preprocess --atlas published`).",
+        UserWarning, stacklevel=3)
 
 
 def embed_subject(

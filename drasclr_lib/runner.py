@@ -49,7 +49,7 @@ def load_profile(name: str = "small", path: str | os.PathLike = PARAMS_FILE) -> 
     Raises:
         KeyError: when the file has no profile ``name``.
     """
-    profiles = {k: v for k, v in json.loads(Path(path).read_text()).items() if not k.startswith("_")}
+    profiles = {k: v for k, v in json.loads(Path(path).read_text(encoding="utf-8")).items() if not k.startswith("_")}
     if name not in profiles:
         raise KeyError(f"no parameter profile {name!r} in {path} (profiles: {sorted(profiles)})")
     return profiles[name]
@@ -142,12 +142,28 @@ def run_notebooks(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="drasclr run-notebooks", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=os.environ.get("DRASCLR_OUT", "outputs"), help="output folder (DRASCLR_OUT)")
-    ap.add_argument("--notebooks", default=str(REPO_NOTEBOOKS), help="folder of NN_*.ipynb notebooks")
-    ap.add_argument("--only", nargs="*", help="run only these notebooks (stems or NN prefixes)")
+    from drasclr_lib.cli_help import HelpFormatter, examples_epilog
+
+    ap = argparse.ArgumentParser(
+        prog="drasclr run-notebooks", formatter_class=HelpFormatter,
+        description=__doc__.splitlines()[0] + "\nEach notebook's executed copy, figures and metrics.json go to "
+        "OUT/<notebook>/; notebook 00 makes\nthe synthetic cohort, so the whole pipeline runs offline.",
+        epilog=examples_epilog([
+            ("the whole pipeline with the CPU-sized settings (about 15-25 minutes on 2 cores)",
+             "drasclr run-notebooks --out outputs"),
+            ("only notebooks 03 and 04 (their inputs from earlier runs must be in OUT)",
+             "drasclr run-notebooks --out outputs --only 03 04"),
+            ("the paper's settings (a GPU and a cohort of hundreds of scans)",
+             "drasclr run-notebooks --out outputs_full --profile notebook")]))
+    ap.add_argument("--out", default=os.environ.get("DRASCLR_OUT", "outputs"),
+                    help="output folder (default: $DRASCLR_OUT, else outputs; here %(default)s)")
+    ap.add_argument("--notebooks", default=str(REPO_NOTEBOOKS),
+                    help="folder of the NN_*.ipynb notebooks: a clone's notebooks/ (an installed wheel has none)")
+    ap.add_argument("--only", nargs="*", metavar="NOTEBOOK",
+                    help="run only these notebooks: stems or NN prefixes (default: all, in order)")
     ap.add_argument("--profile", choices=("small", "notebook"), default="small",
-                    help="small: CPU-sized settings (default); notebook: each notebook's own (paper) defaults")
+                    help="small: CPU-sized settings from notebook_params.json; notebook: each notebook's own "
+                         "(paper) defaults")
     args = ap.parse_args(argv)
     params = SMALL_PARAMS if args.profile == "small" else None
     timings = run_notebooks(args.out, args.notebooks, parameters=params, only=args.only)

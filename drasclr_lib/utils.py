@@ -116,13 +116,13 @@ def save_json(obj: Any, path: str | os.PathLike) -> Path:
         raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=default, allow_nan=True))
+        tmp.write_text(json.dumps(obj, indent=2, default=default, allow_nan=True), encoding="utf-8")
     return Path(path)
 
 
 def load_json(path: str | os.PathLike) -> Any:
     """Read a JSON file."""
-    return json.loads(Path(path).read_text())
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
 def save_npy(array: np.ndarray, path: str | os.PathLike) -> Path:

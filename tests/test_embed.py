@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from drasclr_lib.data.patch_store import PatchStore
 from drasclr_lib.testing import make_toy_store
 from drasclr_lib.embed import EmbeddingSet, embed_cohort, embed_subject, pool_subjects
 from drasclr_lib.embed_cli import cli_main
-from drasclr_lib.models import DrasEncoder, calibrate_batchnorm, random_encoder
+from drasclr_lib.models import DrasEncoder, calibrate_batchnorm, load_encoder, random_encoder
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +175,114 @@ def test_drasclr_embed_command_is_this_cli():
 
     module, func, _ = COMMANDS["embed"]
     assert getattr(importlib.import_module(module), func) is cli_main
+
+
+# -- released weights on the published atlas only ----------------------------------------------
+def _published_format_checkpoint(path, encoder):
+    """A checkpoint in the released DrasCLR layout (``module.encoder_q.*``, ``module.encoder_k.*``,
+    ``module.queue``, ``module.queue_ptr``) holding ``encoder``'s weights."""
+    sd = {f"module.encoder_q.{k}": v for k, v in encoder.state_dict().items()}
+    sd.update({f"module.encoder_k.{k}": v.clone() for k, v in encoder.state_dict().items()})
+    sd["module.queue"] = torch.nn.functional.normalize(torch.randn(128, 4, 3), dim=0)
+    sd["module.queue_ptr"] = torch.zeros(3, dtype=torch.long)
+    torch.save({"epoch": 20, "arch": "custom", "state_dict": sd, "optimizer": {}}, path)
+    return path
+
+
+class _TinyEncoder(torch.nn.Module):
+    """Stands in for released weights where only the atlas check is under test: mean and spread
+    of each patch as ``h`` (any patch size), so a 581-location store embeds in milliseconds."""
+
+    checkpoint_format = "published"
+
+    def forward(self, x, loc):
+        h = torch.stack([x.mean(dim=(1, 2, 3, 4)), x.std(dim=(1, 2, 3, 4))], dim=1)
+        return h, h
+
+
+def _published_atlas_store(root, n_subjects=2, patch_size=4, corners=None):
+    """A store on the published atlas's 581 corners with tiny patches (what the check reads)."""
+    from drasclr_lib.data.patch_store import write_store_meta, write_subject
+    from drasclr_lib.preprocess.atlas_source import PUBLISHED_SOURCE, published_landmarks
+    from drasclr_lib.preprocess.landmarks import nearest_neighbors, normalize_locations
+
+    corners = published_landmarks() if corners is None else corners
+    write_store_meta(root, corners, normalize_locations(corners), nearest_neighbors(corners, 2),
+                     patch_size=patch_size, atlas_source=PUBLISHED_SOURCE)
+    rng = np.random.default_rng(0)
+    for s in range(n_subjects):
+        vol = rng.normal(-800, 50, size=(len(corners), patch_size, patch_size, patch_size)).astype(np.int16)
+        write_subject(root, f"pub{s}", vol, record={"lung_volume_l": 5.0})
+    return PatchStore(root)
+
+
+def test_load_encoder_records_the_checkpoint_format(encoder, tmp_path):
+    pub = load_encoder(_published_format_checkpoint(tmp_path / "released.pt", encoder))
+    assert pub.checkpoint_format == "published"
+    torch.save({"state_dict": {f"encoder_q.{k}": v for k, v in encoder.state_dict().items()}}, tmp_path / "own.pt")
+    assert load_encoder(tmp_path / "own.pt").checkpoint_format == "own"
+    torch.save(encoder.state_dict(), tmp_path / "bare.pt")
+    assert load_encoder(tmp_path / "bare.pt").checkpoint_format == "bare"
+    assert DrasEncoder().checkpoint_format is None and encoder.checkpoint_format is None
+
+
+def test_released_weights_on_another_atlas_warn(store, encoder, emb, tmp_path):
+    pub = load_encoder(_published_format_checkpoint(tmp_path / "released.pt", encoder))
+    with pytest.warns(UserWarning, match="published-format DrasCLR checkpoint") as record:
+        got = embed_cohort(pub, store, progress=False, device="cpu")
+    message = str(record[0].message)
+    # names the store, its atlas source and its number of locations, and says what to do
+    assert str(store.root) in message and "'toy'" in message and f"with {store.num_locations} locations" in message
+    assert "581" in message and "atlas='published'" in message and "--atlas published" in message
+    assert record[0].filename == __file__  # points at the caller of embed_cohort
+    np.testing.assert_allclose(got.h, emb.h, rtol=1e-4, atol=1e-5)  # a warning, the embedding still runs
+
+
+def test_own_weights_on_any_atlas_do_not_warn(store, encoder, tmp_path):
+    torch.save({"state_dict": {f"encoder_q.{k}": v for k, v in encoder.state_dict().items()}}, tmp_path / "own.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        embed_cohort(load_encoder(tmp_path / "own.pt"), store, subjects=[0], progress=False, device="cpu")
+        embed_cohort(encoder, store, subjects=[0], progress=False, device="cpu")
+
+
+def test_released_weights_on_the_published_atlas_do_not_warn(tmp_path):
+    from drasclr_lib.preprocess.atlas_source import published_landmarks
+
+    pub_store = _published_atlas_store(tmp_path / "published_store")
+    assert pub_store.num_locations == 581
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = embed_cohort(_TinyEncoder(), pub_store, progress=False, device="cpu")
+    assert got.h.shape == (2, 581, 2) and np.isfinite(got.h).all()
+    # the same 581 corners in another order are another atlas for the released weights
+    shuffled = published_landmarks()[np.random.default_rng(1).permutation(581)]
+    other = _published_atlas_store(tmp_path / "shuffled_store", n_subjects=1, corners=shuffled)
+    with pytest.warns(UserWarning, match="with 581 locations"):
+        embed_cohort(_TinyEncoder(), other, progress=False, device="cpu")
+
+
+# -- exports from the command (drasclr_lib.exports; the tables themselves: tests/test_exports.py) -----------------
+def test_cli_embed_writes_csv_and_parquet_tables(store, encoder, emb, tmp_path, capsys):
+    import pandas as pd
+
+    ckpt = tmp_path / "enc.pt"
+    torch.save({"state_dict": {f"encoder_q.{k}": v for k, v in encoder.state_dict().items()}}, ckpt)
+    base = ["--store", str(store.root), "--checkpoint", str(ckpt), "--no-progress", "--device", "cpu"]
+    assert cli_main([*base, "--out", str(tmp_path / "subjects.csv")]) == 0  # subject level, from the suffix
+    assert "one row per subject" in capsys.readouterr().out
+    subjects = pd.read_csv(tmp_path / "subjects.csv", dtype={"sid": str})
+    assert subjects["sid"].tolist() == store.sids
+    np.testing.assert_allclose(subjects["FEV1pp"], store.table["FEV1pp"])  # the manifest's labels ride along
+    h_cols = [f"h_{i}" for i in range(128)]
+    np.testing.assert_allclose(subjects[h_cols].to_numpy(), pool_subjects(emb.h), rtol=1e-4, atol=1e-5)
+    assert cli_main([*base, "--format", "parquet", "--level", "patch", "--out", str(tmp_path / "patches.pq")]) == 0
+    patches = pd.read_parquet(tmp_path / "patches.pq")
+    assert len(patches) == store.num_subjects * store.num_locations
+    assert patches["sid"].tolist() == list(np.repeat(store.sids, store.num_locations))
+    np.testing.assert_array_equal(patches[["corner_i", "corner_j", "corner_k"]].to_numpy(),
+                                  np.tile(store.atlas_corners, (store.num_subjects, 1)))
+    np.testing.assert_allclose(patches[h_cols].to_numpy(), emb.h.reshape(-1, 128), rtol=1e-4, atol=1e-5)
+    # a contradictory request fails before anything is embedded
+    assert cli_main([*base, "--format", "npz", "--level", "subject", "--out", str(tmp_path / "x.npz")]) == 2
+    assert "every patch" in capsys.readouterr().err and not (tmp_path / "x.npz").exists()

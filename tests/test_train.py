@@ -156,3 +156,41 @@ def test_learning_signal_against_a_frozen_control(tmp_path):
     c = pd.DataFrame(control["history"])["loss_local"].iloc[late].mean()
     t = pd.DataFrame(trained["history"])["loss_local"].iloc[late].mean()
     assert t < c - 0.1, f"trained loss {t:.3f} is not below the frozen control's {c:.3f}"
+
+
+def test_two_visits_of_one_patient_are_never_negatives(tmp_path):
+    """A store whose manifest has a ``group`` column (three patients with two scans each): the queues
+    record patient groups, and the pairs masked out of the loss are exactly the (anchor, queue entry)
+    pairs of one patient that a replay of the sampler predicts, from the first epoch on (where
+    subject ids alone would mask nothing)."""
+    from collections import deque
+
+    import numpy as np
+
+    from drasclr_lib.data.patch_store import finalize_store
+    from drasclr_lib.training.data import LocationBatchSampler
+
+    root = make_toy_store(tmp_path / "visits", n_subjects=8, grid=(2, 2, 1), patch_size=16, with_labels=False)
+    patient = ["P0", None, "P1", "P2", "x", "P0", "P2", "P1"]
+    finalize_store(root, pd.DataFrame({"sid": [f"toy{i:03d}" for i in range(8)], "group": patient}))
+    group = np.array([0, 1, 2, 3, 4, 0, 3, 2])  # the first visit's position
+    cfg = _cfg(root, tmp_path / "run", epochs=1, log_every=1, num_neighbors=1)
+    path, model = pretrain_model(cfg)
+    hist = pd.read_csv(path.parent / "history.csv")
+    assert (hist["self_negatives"] == 0).all()
+    # replay: the sampler's batches and a record of the per-location queues (4 entries) by group
+    queue = effective_queue_size(cfg.queue_size, cfg.batch_size, 8)
+    record = {loc: deque([-1] * queue, maxlen=queue) for loc in range(4)}
+    sampler = LocationBatchSampler(8, 4, cfg.batch_size, seed=cfg.seed)
+    expected = []
+    for batch in sampler:
+        loc, g = batch[0][1], group[[s for s, _ in batch]]
+        held = np.array(record[loc])
+        expected.append(int((held[None, :] == g[:, None]).sum()))
+        record[loc].extend(g.tolist())
+    assert len(expected) == 8 and hist["masked_negatives"].tolist() == expected
+    # a patient's other visit is already in the queue in the first epoch (subject ids alone mask nothing there)
+    assert sum(expected) > 0
+    # the queues hold group indices: a second visit's own subject index (5, 6, 7) never appears
+    held = set(model.queue_subject.flatten().tolist())
+    assert held <= set(group.tolist()) and not held & {5, 6, 7}

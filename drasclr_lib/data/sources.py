@@ -19,7 +19,8 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from drasclr_lib.data.manifest import ManifestError, is_missing, parse_number, read_table, validate_manifest
+from drasclr_lib.data.manifest import (ManifestError, close_match, is_missing, parse_number, read_table,
+                                      validate_manifest)
 
 __all__ = [
     "read_manifest",
@@ -30,6 +31,8 @@ __all__ = [
 ]
 
 _YAML_SUFFIXES = (".yaml", ".yml")
+#: The manifest a folder given as ``DATA_MANIFEST`` stands for (a cohort folder of ``make_cohort``).
+_FOLDER_MANIFESTS = ("manifest.csv", "manifest.tsv")
 
 # --------------------------------------------------------------------------------------------
 # environment variables and source files
@@ -84,7 +87,7 @@ def load_source(path: str | os.PathLike) -> dict[str, Any]:
 
     path = Path(path)
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as err:
         raise ManifestError(f"{path}: cannot read data-source file: {err}") from err
     if not isinstance(spec, dict):
@@ -129,6 +132,19 @@ def _scale_value(value: Any, factor: float) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
+def _match_case(mapping: dict[str, str], df: pd.DataFrame) -> dict[str, str]:
+    """``mapping`` with each source column a table lacks replaced by the one table column equal to it
+    but for case (a YAML source written for ``FEV1pp_utah`` reads a table saying ``fev1pp_utah``)."""
+    lowered: dict[str, list[str]] = {}
+    for col in df.columns:
+        lowered.setdefault(col.lower(), []).append(col)
+    out = {}
+    for src, dst in mapping.items():
+        found = lowered.get(src.lower(), [])
+        out[found[0] if src not in df.columns and len(found) == 1 else src] = dst
+    return out
+
+
 def _read_source(path: Path, check_files: bool = True) -> pd.DataFrame:
     """The subject table a YAML source file points at, mapped to our columns and validated."""
     spec = load_source(path)
@@ -158,12 +174,16 @@ def _read_source(path: Path, check_files: bool = True) -> pd.DataFrame:
     df = read_table(table)
     df.columns = [str(c).strip() for c in df.columns]
     columns: dict[str, str] = {str(k): str(v) for k, v in (spec.get("columns") or {}).items()}
+    optional = {str(k): str(v) for k, v in (spec.get("optional_columns") or {}).items()}
+    columns, optional = _match_case(columns, df), _match_case(optional, df)
     absent = [src for src in columns if src not in df.columns and columns[src] not in df.columns]
     if absent:
-        raise ManifestError(f"{context}: columns {absent} named in 'columns' are not in {table} "
+        hints = [f"{src!r} (did you mean {c!r}?)" if (c := close_match(src, list(df.columns), 0.6)) else repr(src)
+                 for src in absent]
+        raise ManifestError(f"{context}: columns {', '.join(hints)} named in 'columns' are not in {table} "
                             f"(found {list(df.columns)})")
     # optional_columns: same mapping, silently skipped when the table lacks them
-    columns.update({str(k): str(v) for k, v in (spec.get("optional_columns") or {}).items() if str(k) in df.columns})
+    columns.update({k: v for k, v in optional.items() if k in df.columns})
     df = df.rename(columns={k: v for k, v in columns.items() if k in df.columns})
     for col, mapping in (spec.get("recode") or {}).items():
         if col in df.columns:
@@ -212,7 +232,11 @@ def read_manifest(path: str | os.PathLike, *, check_files: bool = True) -> pd.Da
     """
     path = Path(path).expanduser()
     if not path.exists():
-        raise ManifestError(f"manifest not found: {path}")
+        raise ManifestError(f"manifest not found: {path}" + ("" if path.is_absolute() else
+                            f" (relative to the working directory {Path.cwd()}: {Path.cwd() / path})"))
+    if path.is_dir():
+        raise ManifestError(f"{path} is a folder; give the manifest file inside it (a .csv/.tsv table or a "
+                            f".yaml data-source file)")
     if path.suffix.lower() in _YAML_SUFFIXES:
         return _read_source(path.resolve(), check_files=check_files)
     df = read_table(path)
@@ -242,8 +266,10 @@ def resolve_manifest(
     Args:
         name_or_path: ``"synthetic"`` (the generated default cohort, created with
             ``make_cohort``'s defaults when missing), ``"lung-pet-ct-dx"`` (the one real offline
-            scan, fetched when missing), a path to a ``.csv``/``.tsv``/``.yaml``/``.yml`` file, or
-            the name of a source in ``data_manifest/`` (``"copdgene"``, ``"luna16"`` ...).
+            scan, fetched when missing), a path to a ``.csv``/``.tsv``/``.yaml``/``.yml`` file
+            (a relative one is relative to the working directory), a folder holding a
+            ``manifest.csv``, or the name of a source in ``data_manifest/`` (``"copdgene"``,
+            ``"luna16"`` ..., any case, ``-`` or ``_``, with or without ``.yaml``).
         out_root: root of the output folder for the synthetic cohort (default ``$DRASCLR_OUT``).
         cache_dir: cache folder for the real scan (default, see
             :func:`drasclr_lib.data.real.default_cache_dir`).
@@ -255,8 +281,8 @@ def resolve_manifest(
         :func:`read_manifest`).
 
     Raises:
-        ManifestError: the path does not exist or the name is unknown (the message lists the
-            known names).
+        ManifestError: the path does not exist or the name is unknown; the message lists every
+            file tried (absolute) and the known source names, with the closest one.
     """
     from drasclr_lib.utils import output_dir
 
@@ -277,16 +303,31 @@ def resolve_manifest(
         return Path(fetch_lung_pet_ct_dx(cache_dir)).resolve()
 
     path = Path(text).expanduser()
-    if path.suffix.lower() in (".csv", ".tsv") + _YAML_SUFFIXES or path.exists():
-        if not path.is_file():
-            raise ManifestError(f"manifest not found: {path}")
-        return path.resolve()
+    tried: list[str] = []
+    where = Path(os.path.abspath(path))  # relative: from the working directory (shown normalised)
+    tried.append(str(where) if path.is_absolute() else f"{where} (relative to the working directory)")
+    if where.is_file():
+        return where.resolve()
+    if where.is_dir():
+        for name in _FOLDER_MANIFESTS:
+            if (where / name).is_file():
+                return (where / name).resolve()
+        tried.append(f"{where / _FOLDER_MANIFESTS[0]} (the folder's manifest)")
     folder = manifest_dir()
-    for candidate in (key, key.replace("-", "_")):
-        for suffix in _YAML_SUFFIXES:
-            if (folder / f"{candidate}{suffix}").is_file():
-                return (folder / f"{candidate}{suffix}").resolve()
     known = ["synthetic", "lung-pet-ct-dx"]
     if folder.is_dir():
         known += sorted(p.stem for p in folder.glob("*.y*ml") if p.stem not in {"synthetic", "lung_pet_ct_dx"})
-    raise ManifestError(f"unknown data manifest {text!r}: not a file, and not one of {known}")
+    is_name = len(path.parts) == 1 and path.suffix.lower() in ("",) + _YAML_SUFFIXES
+    if is_name:
+        stem = key[: -len(path.suffix)] if path.suffix else key
+        for candidate in dict.fromkeys((stem, stem.replace("-", "_"))):
+            for suffix in _YAML_SUFFIXES:
+                source = folder / f"{candidate}{suffix}"
+                if source.is_file():
+                    return source.resolve()
+                tried.append(f"{source} (data source {candidate!r})")
+    close = close_match(text, known, 0.6) if is_name else None
+    what = f"unknown data manifest {text!r}: not a file, and not a source name" if is_name \
+        else f"manifest not found: {text!r}"
+    raise ManifestError(f"{what}; tried:\n  " + "\n  ".join(tried)
+                        + f"\nknown source names: {known}" + (f" (did you mean {close!r}?)" if close else ""))

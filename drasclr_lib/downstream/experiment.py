@@ -1,8 +1,11 @@
-"""The downstream comparison of the paper in one call, shared by notebook 04 and the benchmark.
+"""The downstream comparison of the paper in one call, shared by notebook 04, the benchmark and
+``drasclr downstream``.
 
 :func:`run_downstream` takes a patch store (labels, QC) and the patch embeddings of each method,
-draws the subject folds **once** (seeded, stratified by GOLD stage when the cohort has it) and
-runs every task on every method with those folds:
+draws the subject folds **once** (seeded, stratified by GOLD stage when the cohort has it, whole
+patients per fold when ``subjects.csv`` has a ``group`` column) and runs every task on every method
+with those folds. The tasks are the paper's by default (below) or any columns of the manifest, each
+with its kind (``tasks=``, :mod:`drasclr_lib.downstream.tasks`):
 
 =================  ==========================================  ===========================
 task               model                                       metrics
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -36,6 +39,8 @@ from drasclr_lib.downstream.folds import make_folds
 from drasclr_lib.downstream.prediction import cv_classification, cv_regression
 from drasclr_lib.downstream.subtypes import SUBTYPE_NAMES, cv_patch_classifier, patch_qct_features, subtype_targets
 from drasclr_lib.downstream.survival import cv_cox, km_logrank, risk_groups
+from drasclr_lib.downstream.tasks import PAPER_TASKS, format_tasks, parse_tasks, task_targets, task_values
+from drasclr_lib.training.data import GROUP_COLUMN, subject_groups
 from drasclr_lib.utils import atomic_path
 
 __all__ = [
@@ -55,8 +60,8 @@ METHOD_LABELS = {
     "drasclr_no_nbr": "DrasCLR w/o neighbour loss",
     "drasclr": "DrasCLR",
 }
-REGRESSION_TASKS = ("FEV1pp", "FEV1_FVC")
-CLASSIFICATION_TASKS = ("GOLD", "emph_grade", "paraseptal_grade")
+REGRESSION_TASKS = tuple(t.name for t in PAPER_TASKS if t.kind == "continuous")  # ("FEV1pp", "FEV1_FVC")
+CLASSIFICATION_TASKS = tuple(t.name for t in PAPER_TASKS if t.kind == "ordinal")  # GOLD and the visual grades
 QCT_COLUMNS = ("laa950", "lung_volume_l")
 TABLE_COLUMNS = ["method", "task", "metric", "mean", "sd", "folds", "n"]
 
@@ -71,11 +76,14 @@ class DownstreamResult:
         per_fold: long table ``method, task, metric, fold, value``.
         sids: the N subjects, in the order of every array below.
         fold: (N,) test fold of each subject (the same for every method).
-        time, event: (N,) survival data (NaN when the cohort has none).
-        risk: ``{method: (N,) out-of-fold Cox partial hazard}``.
+        time, event: (N,) survival data of the first survival task (NaN when there is none).
+        risk: ``{method: (N,) out-of-fold Cox partial hazard}`` of that task.
         subtype_true: (N, L) dominant subtype per patch (-1 unlabelled), or ``None``.
         subtype_proba: ``{method: (N, L, 4) out-of-fold class probabilities}``.
-        settings: the arguments of the run.
+        settings: the arguments of the run (``tasks`` as a spec string).
+        survival_task: the name of the task behind ``time``, ``event`` and ``risk``.
+        groups: (N,) patient group index of each subject (:func:`subject_groups`; ``arange(N)``
+            without a ``group`` column).
     """
 
     table: pd.DataFrame
@@ -88,6 +96,8 @@ class DownstreamResult:
     subtype_true: np.ndarray | None = None
     subtype_proba: dict[str, np.ndarray] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    survival_task: str = "survival"
+    groups: np.ndarray | None = None
 
     def value(self, method: str, task: str, metric: str) -> float:
         """The mean of one cell (NaN when absent)."""
@@ -108,7 +118,7 @@ class DownstreamResult:
         for r in self.table.itertuples():
             out.setdefault(r.method, {})[f"{r.task}/{r.metric}"] = float(r.mean)
         for m in self.risk:
-            out.setdefault(m, {})["survival/logrank_p_tertiles"] = self.logrank(m)[1]
+            out.setdefault(m, {})[f"{self.survival_task}/logrank_p_tertiles"] = self.logrank(m)[1]
         return out
 
     def save(self, out_dir: str | Path) -> dict[str, Path]:
@@ -178,6 +188,7 @@ def run_downstream(
     store,
     embeddings: Mapping[str, Any],
     *,
+    tasks: str | Sequence | None = None,
     folds: int = 5,
     seed: int = 0,
     pool: str = "mean",
@@ -198,7 +209,13 @@ def run_downstream(
         embeddings: ``{method: EmbeddingSet}`` (anything with ``.h (N, L, D)`` and ``.sids``);
             every store subject must be present. Method names of :data:`METHOD_LABELS` get
             readable labels in the figures; any name works.
-        folds: number of CV folds k.
+        tasks: which outcomes to predict: ``None`` (the paper's tasks, :data:`PAPER_TASKS`; those
+            the cohort lacks are skipped), a spec string such as
+            ``"FEV1pp:continuous, GOLD:ordinal, time+event:survival"`` or a list of specs /
+            :class:`TaskSpec` (:func:`drasclr_lib.downstream.tasks.parse_tasks`). A named task must
+            exist and hold values of its kind.
+        folds: number of CV folds k (whole patient groups per fold when ``subjects.csv`` has a
+            ``group`` column).
         seed: seed of the folds (and of the patch subsampling).
         pool: ``"mean"`` or ``"meanmax"`` (see ``drasclr_lib.embed.pool_subjects``).
         include_qct: add the clinical QCT baseline as method ``"qct"``.
@@ -214,7 +231,9 @@ def run_downstream(
         A :class:`DownstreamResult`.
 
     Raises:
-        ValueError: when there are fewer subjects than folds, or no method at all.
+        ValueError: when there are fewer subjects (or patient groups) than folds, or no method at all.
+        TaskError: a task spec that cannot be parsed, a named task's column missing or holding values
+            of the wrong kind (the message names the column).
     """
     from tqdm.auto import tqdm
 
@@ -228,10 +247,13 @@ def run_downstream(
         raise ValueError(f"patch store {store.root} has {len(sids)} subjects, fewer than {folds} folds")
     if not embeddings and not include_qct:
         raise ValueError("nothing to compare: no embeddings and include_qct=False")
+    tasks = parse_tasks(tasks)
     table = store.table
+    targets = task_targets(store, sids, tasks, folds)
     gold = _column(table, sids, "GOLD")
     strata = np.where(np.isfinite(gold), gold, -1) if gold is not None else None
-    fold = make_folds(len(sids), k=folds, seed=seed, strata=strata)
+    groups = subject_groups(table, sids)
+    fold = make_folds(len(sids), k=folds, seed=seed, strata=strata, groups=groups)
 
     H = _embedding_arrays(embeddings, sids)
     subject_X: dict[str, np.ndarray] = {}
@@ -241,47 +263,52 @@ def run_downstream(
     for m, h in H.items():
         subject_X[m] = pool_subjects(h, pool)
         patch_X[m] = h
-    has_labels = store.has_labels
-    y_sub = subtype_targets(store, sids, threshold=subtype_threshold) if has_labels else None
-    if has_labels and include_qct:
+    kinds = {t.name: t.kind for t in tasks}
+    subtype = any(kinds[t] == "subtype" for t in targets)
+    y_sub = subtype_targets(store, sids, threshold=subtype_threshold) if subtype else None
+    if subtype and include_qct:
         patch_X = {"qct": patch_qct_features(store, sids), **patch_X}
 
-    time, event = _column(table, sids, "time"), _column(table, sids, "event")
-    nan = np.full(len(sids), np.nan)
+    # the first survival task that runs (else the first named) feeds time, event and risk (KM plot)
+    survival = [t for t in targets if kinds[t] == "survival"] + [t.name for t in tasks if t.kind == "survival"]
+    spec = {t.name: t for t in tasks}
+    first = task_values(table, sids, spec[survival[0]]) if survival else None
+    time, event = first if first is not None else (np.full(len(sids), np.nan),) * 2
     rows: list = []
     long: list = []
     risk: dict[str, np.ndarray] = {}
     proba: dict[str, np.ndarray] = {}
     for m in tqdm(list(subject_X), desc="downstream (methods)", disable=not progress, leave=False):
         X = subject_X[m]
-        for task in REGRESSION_TASKS:
-            y = _column(table, sids, task)
-            if y is not None and np.isfinite(y).sum() >= folds:
+        for task, y in targets.items():
+            kind = kinds[task]
+            if kind == "continuous":
                 scores, pred = cv_regression(X, y, fold)
                 _summarise(m, task, scores, ["r2"], int(np.isfinite(y).sum()), rows, long)
                 ok = np.isfinite(pred) & np.isfinite(y)
                 rows.append({"method": m, "task": task, "metric": "r2_oof", "mean": _r2(y[ok], pred[ok]),
                              "sd": float("nan"), "folds": int(len(scores)), "n": int(ok.sum())})
-        for task in CLASSIFICATION_TASKS:
-            y = _column(table, sids, task)
-            if y is not None and np.isfinite(y).sum() >= folds:
+            elif kind in {"ordinal", "categorical"}:
                 scores, _ = cv_classification(X, y, fold, C=C)
                 _summarise(m, task, scores, ["accuracy", "auc_macro"], int(np.isfinite(y).sum()), rows, long)
-        if time is not None and event is not None:
-            ok = np.isfinite(time) & np.isfinite(event)
-            if ok.sum() >= folds and np.nansum(event) >= 2:
-                scores, risk[m] = cv_cox(X, time, event, fold, n_components=pca_components, penalizer=penalizer)
-                _summarise(m, "survival", scores, ["c_index"], int(ok.sum()), rows, long)
-        if y_sub is not None and m in patch_X:
-            scores, proba[m] = cv_patch_classifier(patch_X[m], y_sub, fold, C=patch_C, max_train=max_train_patches,
-                                                   seed=seed)
-            metrics = ["auc_macro", *[f"auc_{n}" for n in SUBTYPE_NAMES], "accuracy"]
-            _summarise(m, "subtype", scores, metrics, int((y_sub >= 0).sum()), rows, long)
-    settings = dict(folds=folds, seed=seed, pool=pool, include_qct=include_qct, pca_components=pca_components,
-                    penalizer=penalizer, C=C, patch_C=patch_C, subtype_threshold=subtype_threshold,
-                    max_train_patches=max_train_patches, num_subjects=len(sids), store=str(store.root))
+            elif kind == "survival":
+                t, e = y
+                scores, r = cv_cox(X, t, e, fold, n_components=pca_components, penalizer=penalizer)
+                if task == survival[0]:
+                    risk[m] = r
+                _summarise(m, task, scores, ["c_index"], int((np.isfinite(t) & np.isfinite(e)).sum()), rows, long)
+            elif m in patch_X:  # subtype: patch embeddings (and the per-patch QCT features)
+                scores, proba[m] = cv_patch_classifier(patch_X[m], y_sub, fold, C=patch_C,
+                                                       max_train=max_train_patches, seed=seed)
+                metrics = ["auc_macro", *[f"auc_{n}" for n in SUBTYPE_NAMES], "accuracy"]
+                _summarise(m, task, scores, metrics, int((y_sub >= 0).sum()), rows, long)
+    settings = dict(tasks=format_tasks(tasks), folds=folds, seed=seed, pool=pool, include_qct=include_qct,
+                    pca_components=pca_components, penalizer=penalizer, C=C, patch_C=patch_C,
+                    subtype_threshold=subtype_threshold, max_train_patches=max_train_patches,
+                    num_subjects=len(sids), num_groups=int(len(np.unique(groups))),
+                    group_column=GROUP_COLUMN if GROUP_COLUMN in table.columns else None, store=str(store.root))
     return DownstreamResult(
         table=pd.DataFrame(rows, columns=TABLE_COLUMNS),
         per_fold=pd.DataFrame(long, columns=["method", "task", "metric", "fold", "value"]),
-        sids=sids, fold=fold, time=time if time is not None else nan, event=event if event is not None else nan,
-        risk=risk, subtype_true=y_sub, subtype_proba=proba, settings=settings)
+        sids=sids, fold=fold, time=time, event=event, risk=risk, subtype_true=y_sub, subtype_proba=proba,
+        settings=settings, survival_task=survival[0] if survival else "survival", groups=groups)

@@ -15,7 +15,7 @@ from drasclr_lib.downstream.subtypes import SUBTYPE_NAMES
 from drasclr_lib.data.patch_store import paste_patches
 from drasclr_lib.utils import atomic_path
 
-__all__ = ["DEFAULT_BARS", "plot_results_bars", "plot_km", "pick_map_subject", "subtype_slice", "plot_subtype_map"]
+__all__ = ["DEFAULT_BARS", "headline_bars", "plot_results_bars", "plot_km", "pick_map_subject", "subtype_slice", "plot_subtype_map"]
 
 DEFAULT_BARS = (("FEV1pp", "r2"), ("FEV1_FVC", "r2"), ("GOLD", "auc_macro"), ("emph_grade", "auc_macro"),
                 ("paraseptal_grade", "auc_macro"), ("survival", "c_index"), ("subtype", "auc_macro"))
@@ -34,18 +34,32 @@ def _label(m: str) -> str:
     return METHOD_LABELS.get(m, m)
 
 
-def plot_results_bars(table, bars: Sequence[tuple[str, str]] = DEFAULT_BARS, *, methods: Sequence[str] | None = None,
+def headline_bars(table) -> list[tuple[str, str]]:
+    """One (task, metric) per task of ``table``, in table order: ``r2`` for a regression, ``auc_macro``
+    for classes and subtypes, ``c_index`` for survival (for the paper's tasks: :data:`DEFAULT_BARS`)."""
+    bars = []
+    for task in dict.fromkeys(table["task"]):
+        have = set(table.loc[table.task == task, "metric"])
+        metric = next((m for m in ("r2", "auc_macro", "c_index") if m in have), None)
+        if metric is not None:
+            bars.append((task, metric))
+    return bars
+
+
+def plot_results_bars(table, bars: Sequence[tuple[str, str]] | None = None, *, methods: Sequence[str] | None = None,
                       path=None):
     """Grouped bar chart: one group per (task, metric), one bar per method, error bar = SD over folds.
 
     Args:
         table: ``DownstreamResult.table`` (or a DataFrame with its columns).
-        bars: the (task, metric) groups to show; those absent from the table are skipped.
+        bars: the (task, metric) groups to show, those absent from the table skipped; default: the
+            headline metric of every task in the table (:func:`headline_bars`).
         methods: bar order (default: table order).
         path: optional PNG path.
     """
     import matplotlib.pyplot as plt
 
+    bars = headline_bars(table) if bars is None else bars
     methods = list(dict.fromkeys(table["method"])) if methods is None else list(methods)
     groups = [(t, m) for t, m in bars if ((table.task == t) & (table.metric == m)).any()]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(groups) + 2), 4))
@@ -83,7 +97,7 @@ def plot_km(result: DownstreamResult, methods: Sequence[str] | None = None, *, p
         fits, p = result.logrank(m)
         for g, kmf in fits.items():
             kmf.plot_survival_function(ax=ax, ci_show=False, label=names.get(g, f"group {g}"))
-        ax.set_title(f"{_label(m)}\nC={result.value(m, 'survival', 'c_index'):.2f}, log-rank p={p:.2g}", fontsize=8)
+        ax.set_title(f"{_label(m)}\nC={result.value(m, result.survival_task, 'c_index'):.2f}, log-rank p={p:.2g}", fontsize=8)
         ax.set_xlabel("years")
         ax.legend(fontsize=7)
     axes[0][0].set_ylabel("survival probability")

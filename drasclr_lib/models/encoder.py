@@ -67,6 +67,12 @@ class DrasEncoder(nn.Module):
         num_experts: experts per conditional convolution (ignored when ``conditional=False``).
         conditional: location-conditioned convolutions (DrasCLR) or plain ones (MoCo baseline).
 
+    Attributes:
+        checkpoint_format: set by :func:`load_encoder`: ``"published"`` (the released DrasCLR
+            layout, ``module.encoder_q.*``: its locations are the published atlas's 581),
+            ``"own"`` (this toolkit's ``encoder_q.*``) or ``"bare"`` (an encoder state dict);
+            ``None`` for an encoder not loaded from a file.
+
     Shape:
         - x: (B, 1, 32, 32, 32) float, input scale [-1, 1] (``drasclr_lib.intensity.hu_to_input``)
         - loc: (B, 3) location condition in [-1, 1] (may be ``None`` when ``conditional=False``)
@@ -75,6 +81,8 @@ class DrasEncoder(nn.Module):
     Raises:
         ValueError: on non-positive sizes or a non-bool ``conditional``.
     """
+
+    checkpoint_format: str | None = None
 
     def __init__(self, rep_dim: int = 128, proj_dim: int = 128, num_experts: int = 8, conditional: bool = True):
         super().__init__()
@@ -214,8 +222,12 @@ def _read_checkpoint(path, map_location):
         raise ValueError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
 
 
-def _encoder_state(obj, path) -> tuple[dict, dict]:
-    """Return ``(encoder_state_dict, config)`` from any supported checkpoint layout."""
+_FORMATS = {"module.encoder_q.": "published", "encoder_q.": "own"}  # else "bare"
+
+
+def _encoder_state(obj, path) -> tuple[dict, dict, str]:
+    """Return ``(encoder_state_dict, config, format)`` from any supported checkpoint layout
+    (format as :attr:`DrasEncoder.checkpoint_format`)."""
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
     config = obj.get("config") if isinstance(obj.get("config"), dict) else {}
@@ -228,7 +240,8 @@ def _encoder_state(obj, path) -> tuple[dict, dict]:
     for prefix in _ENCODER_PREFIXES:
         if f"{prefix}conv1.weight" in sd:
             n = len(prefix)
-            return {k[n:]: v for k, v in sd.items() if k.startswith(prefix) and torch.is_tensor(v)}, config
+            return ({k[n:]: v for k, v in sd.items() if k.startswith(prefix) and torch.is_tensor(v)}, config,
+                    _FORMATS.get(prefix, "bare"))
     some = ", ".join(list(sd)[:5])
     raise ValueError(f"{path}: no encoder weights found (looked for 'conv1.weight' under prefixes "
                      f"{', '.join(repr(p) for p in _ENCODER_PREFIXES)}; first keys: {some})")
@@ -282,7 +295,8 @@ def load_encoder(path, *, map_location="cpu", conditional: bool | None = None, s
         num_experts, rep_dim, proj_dim: expected sizes; ``None`` infers them.
 
     Returns:
-        The encoder, in eval mode, on ``map_location``'s device.
+        The encoder, in eval mode, on ``map_location``'s device, its ``checkpoint_format`` set
+        (``"published"``, ``"own"`` or ``"bare"``).
 
     Raises:
         FileNotFoundError: when ``path`` does not exist.
@@ -291,7 +305,7 @@ def load_encoder(path, *, map_location="cpu", conditional: bool | None = None, s
             (the message names the key and both shapes).
     """
     obj = _read_checkpoint(path, map_location)
-    sd, config = _encoder_state(obj, path)
+    sd, config, fmt = _encoder_state(obj, path)
     arch = _infer_config(sd, config, path)
     for name, value in (("conditional", conditional), ("num_experts", num_experts), ("rep_dim", rep_dim),
                         ("proj_dim", proj_dim)):
@@ -318,5 +332,6 @@ def load_encoder(path, *, map_location="cpu", conditional: bool | None = None, s
                          + (" …" if len(unexpected) > 10 else ""))
         raise ValueError(f"{path}: encoder state dict does not match DrasEncoder({arch}): " + "; ".join(parts))
     encoder.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    encoder.checkpoint_format = fmt
     device = next(iter(sd.values())).device if sd else torch.device("cpu")
     return encoder.to(device).eval()

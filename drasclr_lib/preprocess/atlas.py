@@ -3,9 +3,9 @@
 :class:`Atlas` keeps the mask (reoriented like the subjects, the fixed image of the
 registration), the corners (placed by the grid rule of :mod:`~drasclr_lib.preprocess.landmarks`
 or given as the published ``atlas_patch_loc.npy``), their grid's geometry, and derives the
-location condition and the neighbour lists from the corners. Which atlas a run uses (given files,
-the one saved in a store, or one built from the cohort's reference subject) is decided by
-:mod:`~drasclr_lib.preprocess.atlas_source`.
+location condition and the neighbour lists from the corners. Which atlas a run uses (the published
+one shipped with the package, given files, the one saved in a store, or one built from the
+cohort's reference subject) is decided by :mod:`~drasclr_lib.preprocess.atlas_source`.
 
 Geometry. Corners are voxel indices (i, j, k) of the grid they were defined on: the atlas
 *file* as stored (nibabel's voxel order, which is SimpleITK's index order of the same file),

@@ -1,8 +1,13 @@
-"""Which atlas a run uses: given files, the one saved in a patch store, or one built from the
-cohort's reference subject.
+"""Which atlas a run uses: the published one shipped with the package, given files, the one saved
+in a patch store, or one built from the cohort's reference subject.
 
 :func:`resolve_atlas` is the one resolver: the cohort runner (``preprocess_cohort``, notebook 01)
-and whole-scan inference (``segment_scan``) both call it. An atlas built from the cohort
+and whole-scan inference (``segment_scan``) both call it. ``atlas="published"`` is the atlas of
+the DrasCLR release (github.com/batmanlab/DrasCLR v1.0, MIT, Copyright (c) 2023 batmanlab): its
+lung mask and 581 landmarks ship as package data in ``drasclr_lib/data/published_atlas/`` (with
+their ``NOTICE``), found with :mod:`importlib.resources` (:func:`published_atlas_files`); the
+released checkpoint's location inputs mean something only on these 581 locations
+(:func:`is_published_corners` tells a store built on them). An atlas built from the cohort
 (:func:`choose_reference`'s subject, :meth:`Atlas.from_subject`) is saved in the store under the
 store's atlas file names (:data:`~drasclr_lib.data.patch_store.ATLAS_MASK_FILE`,
 :data:`~drasclr_lib.data.patch_store.ATLAS_LANDMARKS_FILE`,
@@ -13,6 +18,8 @@ inference on a model trained on that store, reuse the very same atlas.
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +32,83 @@ from drasclr_lib.preprocess.pipeline import manifest_files
 from drasclr_lib.preprocess.resample import PAD_VOXELS
 from drasclr_lib.utils import load_json, save_json
 
-__all__ = ["resolve_atlas", "saved_atlas", "choose_reference", "REFERENCE_TRIES"]
+__all__ = ["resolve_atlas", "saved_atlas", "choose_reference", "REFERENCE_TRIES", "PUBLISHED", "PUBLISHED_SOURCE",
+           "PUBLISHED_NUM_LOCATIONS", "published_atlas_files", "published_landmarks", "published_atlas",
+           "is_published_corners"]
 
 #: How many reference subjects an automatic atlas tries before giving up.
 REFERENCE_TRIES = 3
+
+#: The ``atlas`` argument (and ``drasclr preprocess --atlas``) choosing the published atlas.
+PUBLISHED = "published"
+#: ``Atlas.source`` of the published atlas (kept in ``store.json`` as ``atlas_source``).
+PUBLISHED_SOURCE = ("published DrasCLR atlas (github.com/batmanlab/DrasCLR v1.0, MIT, Copyright (c) 2023 batmanlab): "
+                    "atlas_lung_mask.nii.gz + atlas_patch_loc.npy, 581 landmarks")
+#: Number of landmarks of the published atlas.
+PUBLISHED_NUM_LOCATIONS = 581
+_PUBLISHED_FILES = ("atlas_lung_mask.nii.gz", "atlas_patch_loc.npy", "NOTICE")
+
+
+def _published_resources() -> tuple:
+    """The packaged files (``importlib.resources`` traversables): mask, landmarks, notice.
+
+    Raises:
+        FileNotFoundError: naming the folder when the installation lacks one of them.
+    """
+    folder = resources.files("drasclr_lib") / "data" / "published_atlas"
+    found = tuple(folder / name for name in _PUBLISHED_FILES)
+    missing = [name for name, f in zip(_PUBLISHED_FILES, found) if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"the published atlas is not installed: {', '.join(missing)} missing from {folder} "
+                                "(package data of drasclr_lib; reinstall the package)")
+    return found
+
+
+def published_atlas_files() -> dict[str, Path]:
+    """Paths of the published atlas shipped with the package.
+
+    Returns:
+        ``{"mask": atlas_lung_mask.nii.gz, "landmarks": atlas_patch_loc.npy, "notice": NOTICE}``
+        (the notice holds the attribution and the MIT text).
+
+    Raises:
+        FileNotFoundError: when the package data is missing, or the package is installed in a
+            form without real files (a zip); :func:`published_atlas` works there too.
+    """
+    found = _published_resources()
+    if not all(isinstance(f, Path) for f in found):
+        raise FileNotFoundError(f"the published atlas files of this installation are not plain files ({found[0]}); "
+                                "use published_atlas() / published_landmarks(), which read them anyway")
+    return dict(zip(("mask", "landmarks", "notice"), found))
+
+
+def published_landmarks() -> np.ndarray:
+    """(581, 3) int64 corners of the published atlas (``atlas_patch_loc.npy``: (i, j, k) voxel
+    corners of 32³ patches in the published mask file's voxel order)."""
+    with resources.as_file(_published_resources()[1]) as path:
+        return np.load(path, allow_pickle=False).astype(np.int64)
+
+
+def published_atlas() -> Atlas:
+    """The published DrasCLR atlas: its lung mask (387 x 387 x 319 voxels at 1 mm, reoriented like
+    the subjects) and its 581 landmarks, with ``source`` :data:`PUBLISHED_SOURCE`.
+
+    Raises:
+        FileNotFoundError: when the package data is missing.
+    """
+    mask, landmarks, _ = _published_resources()
+    with ExitStack() as stack:
+        out = Atlas.from_files(stack.enter_context(resources.as_file(mask)),
+                               stack.enter_context(resources.as_file(landmarks)))
+    out.source = PUBLISHED_SOURCE
+    return out
+
+
+def is_published_corners(corners) -> bool:
+    """Whether ``corners`` ((L, 3) atlas corners, e.g. a store's ``atlas_corners``) are exactly the
+    published 581 landmarks, in their order (what the released checkpoint's locations mean)."""
+    corners = np.asarray(corners)
+    return corners.shape == (PUBLISHED_NUM_LOCATIONS, 3) and np.array_equal(corners, published_landmarks())
 
 
 def resolve_atlas(atlas, *, store: str | os.PathLike | PatchStore | None = None, manifest=None,
@@ -37,15 +117,19 @@ def resolve_atlas(atlas, *, store: str | os.PathLike | PatchStore | None = None,
 
     Args:
         atlas: one of
+            - ``"published"``: the published DrasCLR atlas shipped with the package
+              (:func:`published_atlas`; 581 landmarks, the locations of the released weights);
             - an :class:`Atlas` (returned as is);
             - a ``(mask_path, landmarks_path or None)`` pair (``Atlas.from_files``);
             - a mask file (the grid rule places the landmarks);
             - a patch store folder or :class:`PatchStore`: the atlas saved in it (checked against
-              its ``store.json``);
-            - ``"auto"`` or ``None``: the atlas saved in ``store`` by an earlier run, else one
-              built from ``manifest``'s reference subject (:func:`choose_reference`; when that
-              subject cannot be read or segmented, the reference among the others, up to
-              :data:`REFERENCE_TRIES` tries) and saved in ``store``.
+              its ``store.json``), or the published atlas for a store made with it;
+            - ``"auto"`` or ``None``: the atlas saved in ``store`` by an earlier run (the
+              published one for a store made with it), else one built from ``manifest``'s
+              reference subject (:func:`choose_reference`; when that subject cannot be read or
+              segmented, the reference among the others, up to :data:`REFERENCE_TRIES` tries) and
+              saved in ``store``.
+            A folder literally named ``published`` needs ``"./published"``.
         store: for ``"auto"``: the store folder the atlas is saved in.
         manifest: for ``"auto"``: the cohort (manifest DataFrame with ``sid``, ``image``,
             optional ``lung_mask``).
@@ -61,6 +145,8 @@ def resolve_atlas(atlas, *, store: str | os.PathLike | PatchStore | None = None,
     """
     if isinstance(atlas, Atlas):
         return atlas
+    if isinstance(atlas, str) and atlas.strip().lower() == PUBLISHED:
+        return published_atlas()
     if isinstance(atlas, (str, os.PathLike)) and str(atlas) == "auto":
         atlas = None
     if isinstance(atlas, (tuple, list)):
@@ -69,6 +155,8 @@ def resolve_atlas(atlas, *, store: str | os.PathLike | PatchStore | None = None,
     if isinstance(atlas, PatchStore) or (isinstance(atlas, (str, os.PathLike)) and Path(atlas).is_dir()):
         root = atlas.root if isinstance(atlas, PatchStore) else Path(atlas)
         found = saved_atlas(root)
+        if found is None and _made_with_published(root):
+            return published_atlas()
         if found is None:
             raise FileNotFoundError(f"{root} holds no saved atlas ({ATLAS_MASK_FILE} + {ATLAS_LANDMARKS_FILE}); give "
                                     "the atlas the store was made with as Atlas or (mask, landmarks)")
@@ -76,17 +164,29 @@ def resolve_atlas(atlas, *, store: str | os.PathLike | PatchStore | None = None,
     if isinstance(atlas, (str, os.PathLike)):
         return Atlas.from_files(atlas)
     if atlas is not None:
-        raise ValueError(f"atlas must be None, 'auto', an Atlas, a store folder or (mask_path, landmarks_path), "
-                         f"got {atlas!r}")
+        raise ValueError(f"atlas must be None, 'auto', 'published', an Atlas, a store folder or "
+                         f"(mask_path, landmarks_path), got {atlas!r}")
     if store is None:
         raise ValueError("atlas='auto' needs the store folder the atlas is saved in (store=...)")
     root = store.root if isinstance(store, PatchStore) else Path(store)
     found = saved_atlas(root)
     if found is not None:
         return found
+    if _made_with_published(root):  # resuming a store made with atlas="published"
+        return published_atlas()
     if manifest is None:
         raise FileNotFoundError(f"{root} holds no saved atlas and no manifest was given to build one from")
     return _reference_atlas(manifest, root, segment=segment, pad=pad)
+
+
+def _made_with_published(root: Path) -> bool:
+    """Whether the store folder ``root`` was made with ``atlas="published"`` (its ``store.json``
+    names the published atlas as its source and lists the published landmarks)."""
+    meta = root / "store.json"
+    if not meta.exists():
+        return False
+    info = load_json(meta)
+    return info.get("atlas_source") == PUBLISHED_SOURCE and is_published_corners(info.get("atlas_corners", []))
 
 
 def saved_atlas(root: str | os.PathLike) -> Atlas | None:

@@ -27,7 +27,8 @@ The cohort (:func:`preprocess_cohort`, CLI ``drasclr preprocess``):
   same atlas.
 
 The store's layout (file names, failure rows, temporary files, ``store.json``) is
-:mod:`drasclr_lib.data.patch_store`'s; this module only orchestrates.
+:mod:`drasclr_lib.data.patch_store`'s; this module only orchestrates. It is past 350 lines because
+the ``drasclr preprocess`` command, its help and examples, lives beside the runner it drives.
 """
 
 from __future__ import annotations
@@ -299,26 +300,49 @@ def preprocess_cohort(manifest, out_dir: str | os.PathLike, *, atlas=None, worke
 # --------------------------------------------------------------------------------------------
 def cli_main(argv: list[str] | None = None) -> int:
     """``drasclr preprocess``: exit 0 when at least one subject of the run's shard is complete."""
-    ap = argparse.ArgumentParser(prog="drasclr preprocess",
-                                 description="CT files -> registered atlas patches (a patch store folder).")
+    from drasclr_lib.cli_help import HelpFormatter, examples_epilog
+
+    ap = argparse.ArgumentParser(prog="drasclr preprocess", formatter_class=HelpFormatter, description=(
+        "CT files -> registered atlas patches (a patch store folder). Each scan is read, resampled to 1 mm,\n"
+        "its lungs segmented (or taken from the manifest's lung_mask), registered to the atlas lung mask,\n"
+        "and a 32^3 patch cut at every atlas location. Resumable (a rerun skips finished subjects) and\n"
+        "shardable over machines (--shard); failed subjects are listed in OUT/failures.csv."),
+        epilog=examples_epilog([
+            ("the synthetic cohort on the atlas built from its median-lung-volume subject",
+             "drasclr preprocess --manifest synthetic --out outputs/patch_store --workers 4"),
+            ("your cohort on the published atlas (581 locations), to embed with the released weights",
+             "drasclr preprocess --manifest cohort.csv --out store --atlas published --workers 8"),
+            ("your cohort on a given atlas mask and landmarks (.npy, (L, 3) voxel corners)",
+             "drasclr preprocess --manifest cohort.csv --out store --atlas-mask atlas_lung_mask.nii.gz "
+             "--landmarks atlas_patch_loc.npy"),
+            ("one of four machines (run K = 0..3 on each, same --out on a shared disk)",
+             "drasclr preprocess --manifest cohort.csv --out /shared/store --shard 0/4 --workers 8")]))
     ap.add_argument("--manifest", required=True, help="manifest CSV/YAML, or 'synthetic' / 'lung-pet-ct-dx'")
     ap.add_argument("--out", required=True, help="patch store folder (created; a rerun resumes)")
-    ap.add_argument("--atlas-mask", help="atlas lung mask (e.g. the published atlas_lung_mask.nii.gz); "
-                                         "default: built from the cohort's median-lung-volume subject")
+    ap.add_argument("--atlas", choices=("auto", "published"), default="auto",
+                    help="auto: the atlas built from the cohort's median-lung-volume subject; published: the DrasCLR "
+                         "release's atlas and 581 landmarks shipped with the package (use it with the released "
+                         "weights); --atlas-mask gives another")
+    ap.add_argument("--atlas-mask", help="atlas lung mask (e.g. the published atlas_lung_mask.nii.gz) "
+                                         "(default: built from the cohort's median-lung-volume subject)")
     ap.add_argument("--landmarks", help="atlas landmarks .npy (L, 3) in the mask's voxel order "
-                                        "(default with --atlas-mask: the grid rule on the mask)")
-    ap.add_argument("--workers", type=int, default=1, help="parallel processes (default 1)")
-    ap.add_argument("--shard", help="K/N: process subjects K, K+N, ... of the sorted sids (0 <= K < N)")
+                                        "(default: the grid rule on the --atlas-mask)")
+    ap.add_argument("--workers", type=int, default=1, help="parallel processes")
+    ap.add_argument("--shard", help="K/N: process subjects K, K+N, ... of the sorted sids (0 <= K < N) "
+                                    "(default: all subjects)")
     ap.add_argument("--qc-dice", type=float, default=DEFAULT_QC_DICE,
-                    help=f"registration Dice QC threshold ({DEFAULT_QC_DICE})")
+                    help="registration Dice below which a subject is flagged (qc_pass false in its record; its patches "
+                         "are kept)")
     ap.add_argument("--pad", type=int, default=PAD_VOXELS,
-                    help=f"voxels of -1024 HU padding at 1 mm ({PAD_VOXELS} as published)")
+                    help="voxels of -1024 HU padding around the 1 mm volume (default: %(default)s, as published)")
     ap.add_argument("--segment", action="store_true", help="segment the lungs even when the manifest has lung_mask")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     if args.landmarks and not args.atlas_mask:
         ap.error("--landmarks needs --atlas-mask")
-    atlas = (args.atlas_mask, args.landmarks) if args.atlas_mask else "auto"
+    if args.atlas_mask and args.atlas == "published":
+        ap.error("--atlas published and --atlas-mask exclude each other")
+    atlas = (args.atlas_mask, args.landmarks) if args.atlas_mask else args.atlas
     try:
         store = preprocess_cohort(args.manifest, args.out, atlas=atlas, workers=args.workers, shard=args.shard,
                                   qc_dice=args.qc_dice, segment=args.segment, pad=args.pad,

@@ -10,10 +10,19 @@ and settings); it is trained once and its row is repeated.
 
 Baselines that need no training (:func:`drasclr_lib.segmentation.baselines.baseline_dice`) bound
 what a broken pipeline reaches.
+
+The run cache of :func:`label_efficiency` (``cache_dir``) is keyed on content, never on a path: a
+run is reused only when the encoder weights of its initialisation
+(:func:`~drasclr_lib.models.fingerprint.encoder_digest`), the store's content
+(:func:`~drasclr_lib.models.fingerprint.store_digest`), the lung masks it is scored in (their
+bytes), the fine-tuning settings, the subset and the test subjects are all the same. Overwriting
+a checkpoint with other weights (notebook 02 rerun with other settings) therefore retrains
+notebook 05's runs instead of reusing the old weights' Dice.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -85,14 +94,17 @@ def ensure_moco_checkpoint(*, drasclr_run: str | Path | None, store: str | Path,
             notebook 04's ``output_dir("04_downstream")``).
         max_steps: steps of the fallback budget.
         any_budget: when no run of the same budget exists in ``reuse_roots``, reuse any finished
-            MoCo run there (``ckpt_moco_*/done.json``; ``how`` then names it and says that its
-            budget differs) instead of training a new one.
+            MoCo run there trained on this store's content (``ckpt_moco_*/done.json`` with the
+            store's :func:`~drasclr_lib.models.fingerprint.store_digest`; ``how`` then names it and
+            says that its budget differs) instead of training a new one.
 
     Returns:
         ``(checkpoint path, how)``: how it was obtained (``"cached"``, ``"trained"``, ``"reused ..."``).
     """
+    from drasclr_lib.models.fingerprint import store_digest
     from drasclr_lib.training import PretrainConfig
-    from drasclr_lib.training.runs import CHECKPOINT, ensure_checkpoint, find_finished, finished_runs, method_config
+    from drasclr_lib.training.runs import (CHECKPOINT, DONE, ensure_checkpoint, find_finished, finished_runs,
+                                           method_config)
     from drasclr_lib.utils import load_json
 
     cfg_path = Path(drasclr_run) / "config.json" if drasclr_run else None
@@ -108,6 +120,8 @@ def ensure_moco_checkpoint(*, drasclr_run: str | Path | None, store: str | Path,
     if found is not None:
         return found / CHECKPOINT, f"reused {found} (same budget)"
     others = [folder for root in reuse_roots for folder in finished_runs(root, "moco")] if any_budget else []
+    same_data = store_digest(store)  # another budget is fine, a run on other data (a rebuilt store) is not
+    others = [folder for folder in others if (load_json(folder / DONE).get("store_digest") or None) == same_data]
     if others:
         return others[0] / CHECKPOINT, f"reused {others[0]} (its own budget, see its config.json)"
     return ensure_checkpoint("moco", base, out_root)
@@ -146,6 +160,16 @@ def nested_subsets(train_subjects: Sequence[int], fractions: Sequence[float], se
     return {float(f): [int(s) for s in subjects[order[:n]]] for f, n in zip(fractions, sizes)}
 
 
+def _bytes_digest(paths) -> str:
+    """SHA-256 (16 hex characters) of the files' bytes, in the given order (a missing file counts as absent)."""
+    h = hashlib.sha256()
+    for path in paths:
+        path = Path(path)
+        h.update(f"{path.name}|".encode())
+        h.update(path.read_bytes() if path.is_file() else b"<absent>")
+    return h.hexdigest()[:16]
+
+
 def label_efficiency(store: PatchStore, *, train_subjects: Sequence, test_subjects: Sequence,
                      fractions: Sequence[float] = (0.05, 0.1, 0.25, 1.0),
                      inits: Mapping[str, str | Path | None], seeds: Sequence[int] = (0, 1, 2),
@@ -170,8 +194,10 @@ def label_efficiency(store: PatchStore, *, train_subjects: Sequence, test_subjec
             restricts its output to the lung.
         progress: show a tqdm bar over the runs.
         cache_dir: optional folder; each finished run is saved there as
-            ``<init>_n<n>_s<seed>.json`` and reused by a later call with the same settings
-            (resumable long runs).
+            ``<init>_n<n>_s<seed>.json`` and reused by a later call with the same content: the
+            same encoder weights (a digest of the checkpoint's tensors, not its path), store
+            content, lung masks, settings, subset and test subjects (resumable long runs; a
+            changed checkpoint retrains).
 
     Returns:
         DataFrame, one row per init x fraction x seed: ``init``, ``fraction``, ``seed``,
@@ -211,16 +237,26 @@ def label_efficiency(store: PatchStore, *, train_subjects: Sequence, test_subjec
     cache = Path(cache_dir) if cache_dir is not None else None
     settings = {k: v for k, v in asdict(cfg).items() if k != "seed"}
     settings["lung_restricted"] = lung_masks is not None
+    key_parts = {}
+    if cache is not None:  # what a cached run must share with this call to be reused
+        from drasclr_lib.models.fingerprint import encoder_digest, store_digest
+
+        masks = None if lung_masks is None else [lung_masks[store.sids[i]] for i in test_idx
+                                                 if store.sids[i] in lung_masks]
+        key_parts = {"store": store_digest(store), "lung_masks": None if masks is None else _bytes_digest(masks),
+                     "weights": {name: None if path is None else encoder_digest(path) for name, path in inits.items()}}
     for name, f, seed, subset in tqdm(runs, desc="label efficiency", disable=not progress):
         key = (name, len(subset), seed)
         if key not in done:
             cache_file = cache / f"{name}_n{len(subset)}_s{seed}.json" if cache is not None else None
             ckpt = inits[name]
             hit = None
+            content = {} if cache is None else {"settings": settings, "weights": key_parts["weights"][name],
+                                                "store": key_parts["store"], "lung_masks": key_parts["lung_masks"],
+                                                "subset": subset, "test": test_idx}
             if cache_file is not None and cache_file.exists():
                 saved = load_json(cache_file)
-                if saved.get("settings") == settings and saved.get("checkpoint") == (None if ckpt is None else str(ckpt)) \
-                        and saved.get("subset") == subset and saved.get("test") == test_idx:
+                if all(saved.get(k) == v for k, v in content.items()):
                     hit = saved["result"]
             if hit is None:
                 init = "random" if ckpt is None else (name if name in INITS[1:] else "drasclr")
@@ -236,9 +272,9 @@ def label_efficiency(store: PatchStore, *, train_subjects: Sequence, test_subjec
                        **{f"dice_{c}": float(scores[f"dice_{c}"].mean()) for c in names[1:]},
                        "final_loss": float(np.mean([h["loss"] for h in hist[-10:]])),
                        "seconds": float(seconds)}
-                if cache_file is not None:
-                    save_json({"settings": settings, "checkpoint": None if ckpt is None else str(ckpt),
-                               "subset": subset, "test": test_idx, "result": hit}, cache_file)
+                if cache_file is not None:  # the checkpoint's path is kept for the reader, not as a key
+                    save_json({**content, "checkpoint": None if ckpt is None else str(ckpt), "result": hit},
+                              cache_file)
             done[key] = hit
         rows.append({"init": name, "fraction": f, "seed": seed, "n_labelled": len(subset), **done[key]})
     return pd.DataFrame(rows)

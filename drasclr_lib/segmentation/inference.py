@@ -155,7 +155,9 @@ def segment_scan(model, image_path: str | os.PathLike, *, atlas, out_path: str |
         image_path: CT file or DICOM series folder.
         atlas: the atlas of the store the model was trained on, as
             :func:`~drasclr_lib.preprocess.atlas_source.resolve_atlas` takes it: an ``Atlas``,
-            the store folder / ``PatchStore`` (its saved atlas), or ``(mask, landmarks)``.
+            the store folder / ``PatchStore`` (its saved atlas; the published one for a store made
+            with it), ``"published"`` (the published DrasCLR atlas shipped with the package), or
+            ``(mask, landmarks)``.
         out_path: output NIfTI (default :func:`default_output_path`).
         lung_mask_path: optional lung mask on the CT's geometry (default: segmented).
         batch_size: patches per forward pass.

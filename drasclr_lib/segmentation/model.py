@@ -7,21 +7,33 @@ to 16³ and a 1x1x1 convolution at 32³ (the 32³ skip is the encoder's first 3x
 which already sees each voxel's neighbourhood). Two 3x3x3 convolutions per level, the usual
 U-Net, cost ~7x the encoder's FLOPs on 32³ patches (most of it at 32³); this decoder costs about
 a third of the encoder, which keeps CPU fine-tuning practical.
+
+A fine-tuned segmenter is kept as one file (:func:`save_segmenter`, read back by
+:func:`load_segmenter` with ``torch.load(weights_only=True)``): its weights, the constructor
+arguments, and the atlas its training store was made on (the store folder and the (L, 3) atlas
+corners), so that whole-scan inference (``drasclr segment``) can find that atlas and refuse
+another one.
 """
 
 from __future__ import annotations
 
+import os
+import pickle
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from drasclr_lib.models import DrasEncoder, load_encoder
+from drasclr_lib.utils import atomic_path
 
-__all__ = ["DrasSegNet", "build_segmenter", "INITS"]
+__all__ = ["DrasSegNet", "build_segmenter", "INITS", "save_segmenter", "load_segmenter", "SEGMENTER_FORMAT"]
 
 INITS = ("random", "moco", "drasclr")
+#: ``format`` entry of a segmenter file (:func:`save_segmenter`); ``version`` is 1.
+SEGMENTER_FORMAT = "drasclr-segmenter"
 
 
 class _UpBlock(nn.Module):
@@ -110,3 +122,108 @@ def build_segmenter(init: str = "random", checkpoint: str | Path | None = None, 
         encoder = load_encoder(checkpoint)
         encoder.train()
     return DrasSegNet(encoder, num_classes=num_classes)
+
+
+def save_segmenter(model: DrasSegNet, path: str | os.PathLike, *, store=None, meta: dict | None = None) -> Path:
+    """Write a (fine-tuned) segmenter to one file, atomically, for :func:`load_segmenter` / ``drasclr segment``.
+
+    File content (tensors and plain containers only, so it loads with ``weights_only=True``)::
+
+        {"format": "drasclr-segmenter", "version": 1, "state_dict": {...} (CPU tensors),
+         "num_classes": C, "decoder_channels": [5 ints], "input_skip": bool,
+         "encoder": DrasEncoder.config, "atlas_store": str or None,
+         "atlas_corners": (L, 3) int64 tensor or None, "meta": {...}}
+
+    Args:
+        model: the segmenter.
+        path: output file (``.pt``; its folder is created).
+        store: the patch store (folder or ``PatchStore``) the model was fine-tuned on: its folder
+            and atlas corners are recorded, so inference finds its atlas and checks it.
+        meta: plain values worth keeping (init, label fraction, steps, Dice ...): str, int,
+            float, bool, None, lists and dicts of them.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        ValueError: when ``meta`` holds something other than plain values.
+    """
+    from drasclr_lib.data.patch_store import PatchStore
+
+    _check_plain(meta or {}, "meta")
+    root = corners = None
+    if store is not None:
+        store = store if isinstance(store, PatchStore) else PatchStore(store)
+        root = str(Path(store.root).resolve())
+        corners = torch.as_tensor(np.asarray(store.atlas_corners, dtype=np.int64))
+    obj = {"format": SEGMENTER_FORMAT, "version": 1,
+           "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+           "num_classes": int(model.num_classes),
+           "decoder_channels": [int(up.body[0].out_channels) for up in model.decoder],
+           "input_skip": bool(model.input_skip), "encoder": dict(model.encoder.config),
+           "atlas_store": root, "atlas_corners": corners, "meta": dict(meta or {})}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return path
+
+
+def _check_plain(value, where: str) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{where}: keys must be str, got {k!r}")
+            _check_plain(v, f"{where}[{k!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif not (value is None or isinstance(value, (str, int, float, bool))):
+        raise ValueError(f"{where}: {type(value).__name__} is not a plain value (str, int, float, bool, None, "
+                         "list, dict)")
+
+
+def load_segmenter(path: str | os.PathLike, *, map_location="cpu") -> tuple[DrasSegNet, dict]:
+    """Read a segmenter written by :func:`save_segmenter` (``torch.load(weights_only=True)``), in eval mode.
+
+    Args:
+        path: the segmenter file.
+        map_location: passed to ``torch.load``.
+
+    Returns:
+        ``(model, info)``: the :class:`DrasSegNet` and ``{"atlas_store": str or None,
+        "atlas_corners": (L, 3) int64 array or None, "meta": dict}``.
+
+    Raises:
+        FileNotFoundError: when ``path`` does not exist.
+        ValueError: when the file would need code to unpickle (refused without running it), is not
+            a segmenter file (a pretraining checkpoint, for instance), or its weights do not fit.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"segmenter file not found: {path}")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"{path}: refused to load: it holds objects other than tensors and plain containers "
+                         f"(torch.load weights_only=True said: {str(exc).splitlines()[0] if str(exc) else exc!r})") \
+            from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable torch file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(obj, dict) or obj.get("format") != SEGMENTER_FORMAT:
+        what = "a DrasCLR pretraining checkpoint (an encoder)" if isinstance(obj, dict) and "state_dict" in obj \
+            else "not a segmenter file"
+        raise ValueError(f"{path}: {what}, not a fine-tuned segmenter written by save_segmenter "
+                         "(drasclr_lib.segmentation.model; notebook 05 writes one as segmenter.pt)")
+    if obj.get("version") != 1:
+        raise ValueError(f"{path}: segmenter file version {obj.get('version')!r} is not supported (1)")
+    try:
+        model = DrasSegNet(DrasEncoder(**obj["encoder"]), num_classes=int(obj["num_classes"]),
+                           decoder_channels=tuple(obj["decoder_channels"]), input_skip=bool(obj["input_skip"]))
+        model.load_state_dict(obj["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise ValueError(f"{path}: the segmenter's weights do not fit its recorded architecture: {exc}") from exc
+    corners = obj.get("atlas_corners")
+    info = {"atlas_store": obj.get("atlas_store"),
+            "atlas_corners": None if corners is None else np.asarray(corners, dtype=np.int64),
+            "meta": dict(obj.get("meta") or {})}
+    return model.eval(), info

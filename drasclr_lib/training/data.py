@@ -9,6 +9,11 @@ Every pair the sampler yields is a :class:`SampleIndex` (a 2-tuple ``(subject, l
 per-sample random ``seed`` derived from ``(seed, epoch, subject, loc)``); the dataset seeds the
 sample's augmentation with it. The views of a sample therefore do not depend on the number of
 workers or on where a run was resumed, which makes resume exact.
+
+Patients with several scans (the manifest's optional ``group`` column, a patient id): every sample
+carries its subject's *group* index (:func:`subject_groups`), which the model records with its keys
+and uses to keep two scans of one patient out of each other's negatives. Without the column every
+subject is its own group and the group index is the subject index.
 """
 
 from __future__ import annotations
@@ -23,7 +28,51 @@ from torch.utils.data import Dataset, Sampler
 from drasclr_lib.augment import build_augment
 from drasclr_lib.intensity import hu_to_input
 
-__all__ = ["SampleIndex", "LocationBatchSampler", "PatchPairDataset"]
+__all__ = ["GROUP_COLUMN", "SampleIndex", "LocationBatchSampler", "PatchPairDataset", "subject_groups"]
+
+#: The manifest / ``subjects.csv`` column naming each subject's patient (several scans, one group).
+GROUP_COLUMN = "group"
+
+
+def _group_label(value) -> str | None:
+    """A group value as a label; ``None`` for missing (NaN, None, empty). ``3.0`` and ``3`` are ``"3"``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    label = str(value).strip()
+    return label if label and label.lower() != "nan" else None
+
+
+def subject_groups(table, sids, column: str = GROUP_COLUMN) -> np.ndarray:
+    """The group (patient) index of every subject: the position of the group's first subject.
+
+    Args:
+        table: subject table indexed by sid (``PatchStore.table``), optionally with ``column``.
+        sids: the N subjects, in store order (``PatchStore.sids``).
+        column: the column of patient ids (string or numeric; missing = the subject's own group).
+
+    Returns:
+        (N,) int64: for subject ``i``, the smallest position ``j`` in ``sids`` whose subject has
+        the same group; ``arange(N)`` when the table has no such column or every group is a
+        single subject, so code that compares these indices behaves as with subject indices.
+
+    Example:
+        >>> import pandas as pd
+        >>> t = pd.DataFrame({"group": ["p1", None, "p1", "p2"]}, index=["a", "b", "c", "d"])
+        >>> subject_groups(t, ["a", "b", "c", "d"]).tolist()
+        [0, 1, 0, 3]
+    """
+    sids = [str(s) for s in sids]
+    codes = np.arange(len(sids), dtype=np.int64)
+    if column not in getattr(table, "columns", ()):
+        return codes
+    first: dict[str, int] = {}
+    for i, value in enumerate(table.loc[sids, column].tolist()):
+        label = _group_label(value)
+        if label is not None:
+            codes[i] = first.setdefault(label, i)
+    return codes
 
 
 class SampleIndex(tuple):
@@ -177,8 +226,9 @@ class PatchPairDataset(Dataset):
 
     Returns (``__getitem__``):
         dict with ``x_q``, ``x_k`` (1, P, P, P) float32 in ~[-1, 1]; ``loc`` (3,) float32;
-        ``loc_idx`` int64; ``subject`` int64; ``x_nbr`` (K, 1, P, P, P) float32; ``nbr_locs``
-        (K, 3) float32; ``nbr_idx`` (K,) int64.
+        ``loc_idx`` int64; ``subject`` int64; ``group`` int64 (the subject's patient group,
+        :func:`subject_groups`; the subject index without a ``group`` column); ``x_nbr``
+        (K, 1, P, P, P) float32; ``nbr_locs`` (K, 3) float32; ``nbr_idx`` (K,) int64.
 
     Raises:
         ValueError: on a bad ``num_neighbors`` or index.
@@ -193,6 +243,7 @@ class PatchPairDataset(Dataset):
         self.augment = build_augment(augment, seed=seed) if isinstance(augment, str) else augment
         self._locs = torch.as_tensor(store.locs, dtype=torch.float32)
         self._nbrs = torch.as_tensor(store.neighbors[:, :num_neighbors], dtype=torch.int64)
+        self.groups = torch.as_tensor(subject_groups(store.table, store.sids), dtype=torch.int64)
 
     def __len__(self) -> int:
         return self.store.num_subjects * self.store.num_locations
@@ -254,5 +305,6 @@ class PatchPairDataset(Dataset):
         return {
             "x_q": x_q[0], "x_k": x_k[0], "x_nbr": x_nbr,
             "loc": self._locs[l], "loc_idx": torch.tensor(l), "subject": torch.tensor(s),
+            "group": self.groups[s],
             "nbr_locs": self._locs[nbr], "nbr_idx": nbr,
         }

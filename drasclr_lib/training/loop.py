@@ -34,6 +34,7 @@ from drasclr_lib.training.checkpoint import (load_checkpoint, rng_state, save_ch
                                              write_history_csv)
 from drasclr_lib.training.config import RESUME_KEYS, PretrainConfig, effective_lr, effective_queue_size
 from drasclr_lib.training.data import LocationBatchSampler, PatchPairDataset
+from drasclr_lib.training.model_card import write_model_card
 from drasclr_lib.utils import output_dir, resolve_device, save_json, seed_everything
 
 __all__ = ["pretrain", "pretrain_model", "train_step", "cosine_factor"]
@@ -104,8 +105,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     ``save_every_steps`` steps), ``config.json`` (the config plus the effective lr, queue size and
     process count), ``history.csv`` (step, epoch, loss, loss_local, loss_neighbor, acc1, lr,
     seconds; means over ``log_every`` steps; ``self_negatives`` and ``masked_negatives``: the
-    (anchor, queue entry) pairs of the same subject that reached the loss / were masked out of it,
-    summed over the window and the processes) and ``tb/`` (TensorBoard scalars).
+    (anchor, queue entry) pairs of one patient (the store's ``group`` column; else one subject) that
+    reached the loss / were masked out of it, summed over the window and processes) and ``tb/`` (TensorBoard).
 
     Args:
         cfg: the run's settings (:class:`PretrainConfig`).
@@ -147,9 +148,9 @@ def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: t
         scaler: gradient scaler (``torch.amp.GradScaler("cuda", enabled=amp)``; disabled it is a no-op).
         batch: the step's tensors on the training device, views already augmented: ``x_q``, ``x_k``
             (B, 1, P, P, P) float32 in [-1, 1], ``loc_idx`` (B,) int64 (one location), ``loc`` (B, 3) in
-            [-1, 1], optional ``subject`` (B,) int64 (masks an anchor's own subject out of its
-            negatives), optional ``x_nbr`` (B, k, 1, P, P, P) and ``nbr_locs`` (B, k, 3) (the
-            neighbour loss; absent or None: none).
+            [-1, 1], optional ``group`` (B,) int64 (the anchor's patient: its queue entries are masked out
+            of its negatives; without it ``subject`` (B,), its own subject), optional ``x_nbr``
+            (B, k, 1, P, P, P) and ``nbr_locs`` (B, k, 3) (the neighbour loss; absent or None: none).
         amp: float16 autocast (CUDA only).
 
     Returns:
@@ -161,7 +162,7 @@ def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: t
     """
     with torch.autocast("cuda", dtype=torch.float16) if amp else nullcontext():
         res = net(batch["x_q"], batch["x_k"], batch["loc_idx"], batch["loc"], x_nbr=batch.get("x_nbr"),
-                  nbr_locs=batch.get("nbr_locs"), subjects=batch.get("subject"))
+                  nbr_locs=batch.get("nbr_locs"), subjects=batch.get("group", batch.get("subject")))
     loss = res["loss"]
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()} (location {int(batch['loc_idx'][0])}); "
@@ -177,7 +178,8 @@ def _on_device(batch: dict, device: torch.device, nbr: bool) -> dict:
     """The loader's batch on the training device (neighbour views only when the neighbour loss is on)."""
     return {"x_q": batch["x_q"].to(device, non_blocking=True), "x_k": batch["x_k"].to(device, non_blocking=True),
             "x_nbr": batch["x_nbr"].to(device, non_blocking=True) if nbr else None, "loc": batch["loc"].to(device),
-            "subject": batch["subject"].to(device), "loc_idx": batch["loc_idx"].to(device),
+            "subject": batch["subject"].to(device), "group": batch["group"].to(device),
+            "loc_idx": batch["loc_idx"].to(device),
             "nbr_locs": batch["nbr_locs"].to(device) if nbr else None}
 
 
@@ -283,6 +285,7 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device):
             "log_window": dict(window), "seconds": elapsed,
         }, ckpt_path)
         write_history_csv(history, out / "history.csv")
+        write_model_card(out, cfg=cfg, run=run, step=step, history=history, store=store)
 
     from tqdm.auto import tqdm
 

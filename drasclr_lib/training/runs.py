@@ -2,8 +2,10 @@
 
 A run folder holds what :func:`~drasclr_lib.training.loop.pretrain` writes (``checkpoint.pt``,
 ``config.json``, ``history.csv``) and, once :func:`reuse_or_train` has seen ``pretrain`` return,
-``done.json`` (:func:`mark_finished`: the digest of the run's budget and the checkpoint's size and
-modification time). A folder holds **the finished run of a config** (:func:`run_status`) when
+``done.json`` (:func:`mark_finished`: the digest of the run's budget, the checkpoint's size and
+modification time, and the store's content digest,
+:func:`~drasclr_lib.models.fingerprint.store_digest`: a store rebuilt in the same folder makes the
+run ``"other"``). A folder holds **the finished run of a config** (:func:`run_status`) when
 
 * its ``done.json`` names the config's budget (:func:`config_digest`: the fields
   :data:`~drasclr_lib.training.config.BUDGET_KEYS` and the store) and the checkpoint is still the
@@ -36,6 +38,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from drasclr_lib.models.fingerprint import store_digest
 from drasclr_lib.training.checkpoint import load_checkpoint
 from drasclr_lib.training.config import BUDGET_KEYS, RESUME_KEYS, PretrainConfig
 from drasclr_lib.training.loop import pretrain
@@ -83,7 +86,8 @@ def mark_finished(folder: str | os.PathLike, cfg: PretrainConfig) -> Path:
     ckpt = Path(folder) / CHECKPOINT
     st = ckpt.stat()
     return save_json({"digest": config_digest(cfg), "checkpoint": str(ckpt), "checkpoint_bytes": st.st_size,
-                      "checkpoint_mtime_ns": st.st_mtime_ns}, Path(folder) / DONE)
+                      "checkpoint_mtime_ns": st.st_mtime_ns, "store_digest": store_digest(_store_path(cfg.store))},
+                     Path(folder) / DONE)
 
 
 def run_status(folder: str | os.PathLike, cfg: PretrainConfig) -> str:
@@ -103,6 +107,8 @@ def run_status(folder: str | os.PathLike, cfg: PretrainConfig) -> str:
     except ValueError:  # a damaged marker counts as none
         done = {}
     st = ckpt.stat()
+    if done.get("store_digest") and store_digest(_store_path(cfg.store)) not in (None, done["store_digest"]):
+        return "other"  # trained on what the store held before it was rebuilt in the same folder
     if done.get("digest") == config_digest(cfg) and done.get("checkpoint_bytes", st.st_size) == st.st_size \
             and done.get("checkpoint_mtime_ns", st.st_mtime_ns) == st.st_mtime_ns:
         return "finished"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from drasclr_lib.data.manifest import STANDARD_COLUMNS, ManifestError
+from drasclr_lib.data.manifest import STANDARD_COLUMNS, ManifestError, ManifestWarning, detect_separator
 from drasclr_lib.data.sources import expand_env, load_source, manifest_dir, read_manifest, resolve_manifest
 
 
@@ -121,7 +122,9 @@ def test_duplicated_sid(cohort):
         ("GOLD", "2.5", "must be a whole number"),
         ("GOLD", "7", "outside the allowed range"),
         ("FEV1_FVC", "72", "ratio, not a percentage"),
-        ("event", "yes", "cannot parse 'yes'"),
+        ("event", "maybe", "'maybe' is not an event code: 1 = event (death) observed, 0 = censored (accepted "
+                           "spellings, any case: 0, 1, dead, deceased"),
+        ("event", "2", "a 1/2 coding (R's Surv: 2 = dead) must be recoded to 0/1"),
         ("emph_fraction", "1.2", "outside the allowed range"),
         ("emph_paraseptal", "-0.1", "outside the allowed range"),
         ("time", "inf", "cannot parse 'inf'"),
@@ -142,10 +145,162 @@ def test_unparsable_label(cohort, column, bad, expected):
 def test_missing_manifest_and_unknown_name(tmp_path):
     with pytest.raises(ManifestError, match="manifest not found"):
         read_manifest(tmp_path / "none.csv")
-    with pytest.raises(ManifestError, match="unknown data manifest 'no-such-source'.*copdgene"):
+    with pytest.raises(ManifestError, match="(?s)unknown data manifest 'no-such-source'.*copdgene"):
         resolve_manifest("no-such-source")
     with pytest.raises(ManifestError, match="manifest not found"):
         resolve_manifest(tmp_path / "none.csv")
+
+
+# --- messages that help a first manifest ---------------------------------------------------------
+
+
+def _images(root: Path, *sids: str) -> None:
+    for sid in sids:
+        _write(root / f"{sid}.nii.gz", "x")
+
+
+def test_column_names_are_matched_ignoring_case(tmp_path):
+    _images(tmp_path, "a", "b")
+    path = _write(tmp_path / "m.csv", "SID,Image,fev1pp,Gold,EVENT,Time,Group,site\n"
+                                      "a,a.nii.gz,80,1,dead,2.5,P1,x\nb,b.nii.gz,60,2,Alive,3,P1,y\n")
+    with pytest.warns(ManifestWarning, match="column 'SID' read as 'sid'"):
+        df = read_manifest(path)
+    assert df["sid"].tolist() == ["a", "b"] and df["FEV1pp"].tolist() == [80.0, 60.0]
+    assert df["GOLD"].tolist() == [1.0, 2.0] and df["event"].tolist() == [1.0, 0.0]
+    assert df["time"].tolist() == [2.5, 3.0]
+    assert df["group"].tolist() == ["P1", "P1"] and df["site"].tolist() == ["x", "y"]
+    assert not {"SID", "Image", "fev1pp", "Gold", "EVENT", "Time", "Group"} & set(df.columns)  # renamed, not copied
+    notes = df.attrs["manifest_notes"]
+    assert "column 'fev1pp' read as 'FEV1pp' (names are matched ignoring case)" in notes and len(notes) == 7
+
+
+def test_columns_that_differ_only_in_case_are_a_problem(tmp_path):
+    _images(tmp_path, "a")
+    msg = _error(_write(tmp_path / "m.csv", "sid,image,FEV1pp,fev1pp\na,a.nii.gz,80,81\n"))
+    assert "column 'fev1pp': differs from the standard column 'FEV1pp' only in case" in msg
+    msg = _error(_write(tmp_path / "m.csv", "sid,image,Age,AGE\na,a.nii.gz,80,81\n"))
+    assert "column 'age': columns ['Age', 'AGE'] all read as 'age'" in msg
+
+
+def test_missing_or_misnamed_columns_get_a_hint(tmp_path):
+    _images(tmp_path, "a")
+    msg = _error(_write(tmp_path / "m.csv", "subject_id,image_path\na,a.nii.gz\n"))
+    assert "column 'sid': required column is missing" in msg and "did you mean 'subject_id'? rename it to 'sid'" in msg
+    assert "column 'image': required column is missing" in msg and "did you mean 'image_path'?" in msg
+    path = _write(tmp_path / "m.csv", "sid,image,FEV1_pp,pack_year,FEV1\na,a.nii.gz,80,20,2.1\n")
+    with pytest.warns(ManifestWarning, match="did you mean 'FEV1pp'"):
+        df = read_manifest(path)
+    notes = df.attrs["manifest_notes"]
+    assert any("'FEV1_pp' is not a standard column" in n and "did you mean 'FEV1pp'?" in n for n in notes), notes
+    assert any("'pack_year'" in n and "did you mean 'pack_years'?" in n for n in notes), notes
+    assert not any("'FEV1'" in n for n in notes), notes  # FEV1 in litres is another measure: no hint
+    assert np.isnan(df["FEV1pp"]).all() and df["FEV1_pp"].tolist() == ["80"]  # kept as an extra, not renamed
+
+
+@pytest.mark.parametrize("sep, name", [("\t", "tab"), (";", "semicolon"), ("|", "bar")])
+def test_separator_is_detected_from_the_header(tmp_path, sep, name):
+    _images(tmp_path, "a", "b")
+    rows = [["sid", "image", "FEV1pp", "site"], ["a", "a.nii.gz", "80.5", "x y"], ["b", "b.nii.gz", "", "z"]]
+    path = _write(tmp_path / "m.csv", "".join(sep.join(r) + "\n" for r in rows))
+    with pytest.warns(ManifestWarning, match=f"m.csv is {name}-separated"):
+        df = read_manifest(path)
+    assert df["sid"].tolist() == ["a", "b"] and df.loc[0, "FEV1pp"] == 80.5 and np.isnan(df.loc[1, "FEV1pp"])
+    assert df["site"].tolist() == ["x y", "z"]
+    assert df.attrs["manifest_notes"] == [f"m.csv is {name}-separated (detected from its header); read as such"]
+
+
+def test_separator_rules_and_spreadsheet_exports(tmp_path):
+    assert detect_separator("sid,image,FEV1pp\n") == ","
+    assert detect_separator("sid;image;note,with comma\n") == ";"
+    assert detect_separator("sid\n") == ","
+    assert detect_separator("sid\timage\n") == "\t"
+    _images(tmp_path, "a")
+    # a .tsv that is tab-separated is as expected (no note); a BOM of Excel's "CSV UTF-8" is dropped
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_manifest(_write(tmp_path / "m.tsv", "sid\timage\na\ta.nii.gz\n"))["sid"].tolist() == ["a"]
+        (tmp_path / "bom.csv").write_bytes("sid,image\na,a.nii.gz\n".encode("utf-8-sig"))
+        assert read_manifest(tmp_path / "bom.csv")["sid"].tolist() == ["a"]
+    # a European export: semicolons and decimal commas; the comma gets a hint
+    msg = _error(_write(tmp_path / "eu.csv", "sid;image;FEV1pp\na;a.nii.gz;85,5\n"))
+    assert "cannot parse '85,5' as a number (a decimal comma? write it with a point)" in msg
+    assert "notes:" in msg and "eu.csv is semicolon-separated" in msg  # the note travels with the error
+
+
+@pytest.mark.parametrize("times, unit", [
+    (["1460", "3652", "730"], "look like days: divide by 365.25 (median 1460"),
+    (["48", "120", "60"], "look like months (divide by 12) or days (divide by 365.25) (median 60"),
+])
+def test_survival_times_in_days_or_months_are_flagged(tmp_path, times, unit):
+    _images(tmp_path, "a", "b", "c")
+    rows = "".join(f"{s},{s}.nii.gz,{t},1\n" for s, t in zip("abc", times))
+    msg = _error(_write(tmp_path / "m.csv", "sid,image,time,event\n" + rows))
+    assert f"column 'time': the values {unit}" in msg and "'time' is the follow-up in years" in msg, msg
+    assert msg.count("column 'time'") == 1  # one problem for the column, not one per row
+    years = "".join(f"{s},{s}.nii.gz,{t},1\n" for s, t in zip("abc", ["4", "12.5", "29"]))
+    assert read_manifest(_write(tmp_path / "y.csv", "sid,image,time,event\n" + years))["time"].tolist() == [4, 12.5, 29]
+
+
+def test_event_accepts_common_spellings(tmp_path):
+    words = ["dead", "Alive", "DECEASED", "censored", "yes", "no", "True", "false", "1.0", "0", "died", "living", ""]
+    sids = [f"s{i}" for i in range(len(words))]
+    _images(tmp_path, *sids)
+    rows = "".join(f"{s},{s}.nii.gz,{w}\n" for s, w in zip(sids, words))
+    df = read_manifest(_write(tmp_path / "m.csv", "sid,image,event\n" + rows))
+    assert df["event"].tolist()[:-1] == [1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0] and np.isnan(df["event"].iloc[-1])
+
+
+def test_group_column(tmp_path):
+    _images(tmp_path, "a", "b", "c", "d")
+    df = read_manifest(_write(tmp_path / "m.csv", "sid,image,group\na,a.nii.gz, P7 \nb,b.nii.gz,P7\n"
+                                                  "c,c.nii.gz,1001.0\nd,d.nii.gz,\n"))
+    assert df["group"].tolist()[:3] == ["P7", "P7", "1001"] and pd.isna(df["group"].iloc[3])  # missing: own group
+    assert pd.isna(read_manifest(_write(tmp_path / "n.csv", "sid,image\na,a.nii.gz\n"))["group"]).all()
+
+
+def test_every_problem_is_kept_on_the_error(tmp_path):
+    _images(tmp_path, *[f"s{i}" for i in range(30)])
+    rows = "".join(f"s{i},s{i}.nii.gz,x\n" for i in range(30))
+    with pytest.raises(ManifestError) as info:
+        read_manifest(_write(tmp_path / "m.csv", "sid,image,age\n" + rows))
+    assert "30 problem(s)" in str(info.value) and "... and 10 more" in str(info.value)
+    assert len(info.value.problems) == 30 and "sid 's29'" in info.value.problems[-1]
+
+
+def test_relative_manifest_paths_and_names(tmp_path, monkeypatch):
+    _images(tmp_path / "cohort", "a")
+    csv = _write(tmp_path / "cohort" / "manifest.csv", "sid,image\na,a.nii.gz\n")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_manifest("cohort/manifest.csv") == csv.resolve()  # relative to the working directory
+    assert resolve_manifest("cohort") == csv.resolve()  # a cohort folder stands for its manifest.csv
+    assert resolve_manifest("./cohort/../cohort/manifest.csv").is_absolute()
+    with pytest.raises(ManifestError) as info:
+        resolve_manifest("cohrt/manifest.csv")
+    msg = str(info.value)
+    assert "manifest not found: 'cohrt/manifest.csv'; tried:" in msg
+    assert f"{tmp_path / 'cohrt' / 'manifest.csv'} (relative to the working directory)" in msg
+    # names: any case, with a .yaml suffix; unknown ones list the tried files and the closest name
+    assert resolve_manifest("COPDGene.yaml") == (manifest_dir() / "copdgene.yaml").resolve()
+    with pytest.raises(ManifestError) as info:
+        resolve_manifest("copdgen")
+    msg = str(info.value)
+    assert f"{tmp_path / 'copdgen'} (relative to the working directory)" in msg
+    assert str(manifest_dir() / "copdgen.yaml") in msg and "(did you mean 'copdgene'?)" in msg
+    with pytest.raises(ManifestError, match="working directory"):
+        read_manifest("cohrt/manifest.csv")
+
+
+def test_yaml_source_columns_match_ignoring_case(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    _write(data / "s1.nii.gz", "x")
+    _write(data / "subjects.csv", "ID,fev1pp_UTAH\ns1,55\n")
+    monkeypatch.setenv("TOY_ROOT", str(data))
+    path = _source(tmp_path, table="${TOY_ROOT}/subjects.csv", columns={"ID": "sid", "FEV1pp_utah": "FEV1pp"},
+                   paths={"image": "{sid}.nii.gz"})
+    assert read_manifest(path)["FEV1pp"].tolist() == [55.0]
+    path = _source(tmp_path, table="${TOY_ROOT}/subjects.csv", columns={"ID": "sid", "FEV1pp_utahh": "FEV1pp"},
+                   paths={"image": "{sid}.nii.gz"})
+    assert "'FEV1pp_utahh' (did you mean 'fev1pp_UTAH'?)" in _error(path)
 
 
 def _source(tmp_path, **fields) -> Path:

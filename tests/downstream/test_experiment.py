@@ -90,3 +90,86 @@ def test_same_seed_same_result_and_errors(labelled_store, tmp_path):
         run_downstream(store, {"x": bad}, folds=3, progress=False)
     with pytest.raises(ValueError):
         run_downstream(store, {}, include_qct=False, progress=False)
+
+
+@pytest.fixture(scope="module")
+def cohort_store(tmp_path_factory):
+    """24 scans of 12 patients (two visits each, sids not in patient order) with custom outcome columns:
+    ``lung_score`` (continuous, from disease), ``smoker`` (text classes), ``os_years``/``died`` (survival)."""
+    root = make_toy_store(tmp_path_factory.mktemp("visits"), n_subjects=24, grid=(2, 2, 1), patch_size=16, seed=2,
+                          with_labels=False)
+    rng = np.random.default_rng(3)
+    d = np.arange(24) / 23
+    patient = np.array([f"P{p:02d}" for p in rng.permutation(np.repeat(np.arange(12), 2))])
+    t_event = rng.exponential(1 / np.exp(2 * d))
+    table = pd.DataFrame({
+        "sid": [f"toy{s:03d}" for s in range(24)], "group": patient,
+        "lung_score": 10 * d + rng.normal(0, 0.3, 24),
+        "smoker": np.where(d > 0.5, "current", "former"),
+        "os_years": t_event, "died": (t_event < 1.5).astype(int),
+        "note": ["x"] * 24,
+    })
+    finalize_store(root, table)
+    return PatchStore(root)
+
+
+def test_own_tasks_from_manifest_columns(cohort_store):
+    store = cohort_store
+    N, L = store.num_subjects, store.num_locations
+    d = np.arange(N) / (N - 1)
+    h = np.random.default_rng(0).normal(size=(N, L, 6)) * 0.2
+    h[..., 0] += d[:, None] * 3
+    res = run_downstream(store, {"enc": _emb(store, h)}, tasks="lung_score:continuous, smoker:categorical, "
+                         "os_years+died:survival", folds=4, progress=False, pca_components=2)
+    t = res.table
+    assert list(dict.fromkeys(t.task)) == ["lung_score", "smoker", "os_years+died"]
+    assert set(t.method) == {"qct", "enc"}
+    assert res.value("enc", "lung_score", "r2_oof") > 0.8  # the embedding carries the disease level
+    assert res.value("enc", "smoker", "auc_macro") > 0.8
+    assert 0 <= res.value("enc", "os_years+died", "c_index") <= 1
+    assert res.survival_task == "os_years+died" and np.isfinite(res.risk["enc"]).all()
+    assert "os_years+died/logrank_p_tertiles" in res.metrics()["enc"]
+    assert res.settings["tasks"] == "lung_score:continuous, smoker:categorical, os_years+died:survival"
+    # the same run with the paper's default finds none of the paper's columns (and no label maps): no task
+    assert len(run_downstream(store, {"enc": _emb(store, h)}, folds=4, progress=False).table) == 0
+
+
+def test_visits_of_one_patient_share_a_fold(cohort_store):
+    store = cohort_store
+    h = np.random.default_rng(1).normal(size=(store.num_subjects, store.num_locations, 4))
+    res = run_downstream(store, {"x": _emb(store, h)}, tasks="lung_score:continuous", folds=4, seed=0,
+                         progress=False, include_qct=False)
+    patient = store.table.loc[res.sids, "group"].to_numpy()
+    for p in set(patient):
+        assert len(set(res.fold[patient == p])) == 1, p
+    assert res.settings["num_groups"] == 12 and res.settings["group_column"] == "group"
+    assert sorted(np.bincount(res.fold)) == [6, 6, 6, 6]  # 3 patients (6 scans) per fold
+    # without the group column the folds split patients (this is what the grouping prevents)
+    from drasclr_lib.downstream.folds import make_folds
+
+    plain = make_folds(store.num_subjects, k=4, seed=0)
+    assert any(len(set(plain[patient == p])) > 1 for p in set(patient))
+
+
+def test_task_errors_name_the_column_of_the_store(cohort_store, labelled_store):
+    from drasclr_lib.downstream.tasks import TaskError
+
+    h = np.zeros((cohort_store.num_subjects, cohort_store.num_locations, 2))
+    emb = {"x": _emb(cohort_store, h)}
+    with pytest.raises(TaskError, match=r"subjects.csv has no column 'Lung_Score'; did you mean 'lung_score'"):
+        run_downstream(cohort_store, emb, tasks="Lung_Score:continuous", progress=False)
+    with pytest.raises(TaskError, match=r"'note'.*must be numeric, found 'x'"):
+        run_downstream(cohort_store, emb, tasks="note:continuous", progress=False)
+    with pytest.raises(TaskError, match="no label patches"):
+        run_downstream(cohort_store, emb, tasks="subtype", progress=False)
+    with pytest.raises(ValueError, match="13 folds from 12 patient groups"):
+        run_downstream(cohort_store, emb, tasks="lung_score:continuous", folds=13, progress=False)
+    # an explicit list equal to the paper's (required, spelled out) gives the default's table
+    store = labelled_store
+    h = np.random.default_rng(2).normal(size=(store.num_subjects, store.num_locations, 4))
+    spec = "FEV1pp:continuous,FEV1_FVC:continuous,GOLD:ordinal,emph_grade:ordinal,paraseptal_grade:ordinal," \
+           "time+event:survival,subtype"
+    a = run_downstream(store, {"x": _emb(store, h)}, folds=3, progress=False, pca_components=2)
+    b = run_downstream(store, {"x": _emb(store, h)}, tasks=spec, folds=3, progress=False, pca_components=2)
+    pd.testing.assert_frame_equal(a.table, b.table)
+    assert a.settings["tasks"] == "paper" and a.settings["group_column"] is None

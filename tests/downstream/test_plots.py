@@ -2,7 +2,8 @@ import numpy as np
 
 from drasclr_lib.data.patch_store import PatchStore
 from drasclr_lib.downstream.experiment import run_downstream
-from drasclr_lib.downstream.plots import pick_map_subject, plot_km, plot_results_bars, plot_subtype_map, subtype_slice
+from drasclr_lib.downstream.plots import (DEFAULT_BARS, headline_bars, pick_map_subject, plot_km, plot_results_bars,
+                                         plot_subtype_map, subtype_slice)
 from drasclr_lib.embed import EmbeddingSet
 from tests.downstream.test_experiment import labelled_store  # noqa: F401 - fixture
 
@@ -32,6 +33,7 @@ def test_figures_are_written(labelled_store, tmp_path):  # noqa: F811
     h[..., 0] += np.arange(store.num_subjects)[:, None] / 5
     emb = EmbeddingSet(h=h, sids=store.sids, locs=store.locs, atlas_corners=store.atlas_corners)
     res = run_downstream(store, {"drasclr": emb}, folds=3, progress=False, pca_components=2)
+    assert headline_bars(res.table) == list(DEFAULT_BARS)  # the paper's tasks: the figure as before
     plot_results_bars(res.table, path=tmp_path / "bars.png")
     plot_km(res, path=tmp_path / "km.png")
     s = pick_map_subject(res.subtype_true)
@@ -40,3 +42,14 @@ def test_figures_are_written(labelled_store, tmp_path):  # noqa: F811
                      path=tmp_path / "map.png")
     for name in ("bars.png", "km.png", "map.png"):
         assert (tmp_path / name).stat().st_size > 5000
+
+
+def test_figures_of_own_tasks_use_their_names(labelled_store, tmp_path):  # noqa: F811
+    store = labelled_store
+    h = np.random.default_rng(1).normal(size=(store.num_subjects, store.num_locations, 4))
+    emb = EmbeddingSet(h=h, sids=store.sids, locs=store.locs, atlas_corners=store.atlas_corners)
+    res = run_downstream(store, {"drasclr": emb}, tasks="FEV1_FVC:continuous, GOLD:categorical, time+event:survival",
+                         folds=3, progress=False, pca_components=2, include_qct=False)
+    assert headline_bars(res.table) == [("FEV1_FVC", "r2"), ("GOLD", "auc_macro"), ("survival", "c_index")]
+    plot_km(res, path=tmp_path / "km.png")
+    assert (tmp_path / "km.png").stat().st_size > 5000

@@ -278,3 +278,103 @@ def test_neighbors_and_locations_match_published_copd_patch():
     np.testing.assert_allclose(np.take_along_axis(dists, nb, 1), np.take_along_axis(dists, pub_nb, 1), rtol=0,
                                atol=1e-9)
     np.testing.assert_array_equal(_exact_dists(patch_loc, nb), _exact_dists(patch_loc, pub_nb))
+
+
+# --------------------------------------------------------------------------------------------
+# The published atlas, shipped with the package
+# --------------------------------------------------------------------------------------------
+def test_published_atlas_is_shipped_with_its_notice():
+    from drasclr_lib.preprocess.atlas_source import PUBLISHED_SOURCE, published_atlas_files, published_landmarks
+
+    files = published_atlas_files()
+    assert all(p.is_file() for p in files.values())
+    notice = files["notice"].read_text()
+    assert "Copyright (c) 2023 batmanlab" in notice and "Permission is hereby granted" in notice
+    assert "github.com/batmanlab/DrasCLR" in notice and "github.com/batmanlab/DrasCLR" in PUBLISHED_SOURCE
+    corners = published_landmarks()
+    assert corners.shape == (581, 3) and corners.dtype == np.int64
+    # the package data of the wheel: pyproject's package-data globs take the three files
+    import tomllib
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    globs = pyproject["tool"]["setuptools"]["package-data"]["drasclr_lib"]
+    package = REPO / "drasclr_lib"
+    shipped = {p for g in globs for p in package.glob(g)}
+    assert set(files.values()) <= shipped, (globs, files)
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared/reference is absent")
+def test_resolve_published_gives_the_reference_landmarks_and_mask():
+    from drasclr_lib.data.patch_store import image_grid
+    from drasclr_lib.preprocess.atlas_source import PUBLISHED_SOURCE, published_atlas_files, resolve_atlas
+
+    files = published_atlas_files()
+    for name, ref in (("mask", "atlas_lung_mask.nii.gz"), ("landmarks", "atlas_patch_loc.npy")):
+        assert files[name].read_bytes() == (SHARED / ref).read_bytes(), name  # unchanged copies
+    atlas = resolve_atlas("published")
+    reference = np.load(SHARED / "atlas_patch_loc.npy")
+    assert atlas.num_locations == 581 and np.array_equal(atlas.corners, reference)  # same corners, same order
+    assert atlas.source == PUBLISHED_SOURCE
+    raw = sitk.ReadImage(str(SHARED / "atlas_lung_mask.nii.gz"))
+    geometry = image_grid(raw)
+    assert atlas.corner_geometry["size"] == list(geometry["size"]) == [387, 387, 319]
+    for key in ("origin", "spacing", "direction"):
+        np.testing.assert_allclose(atlas.corner_geometry[key], geometry[key], atol=1e-6)
+    assert np.array_equal(atlas.mask_array_ijk() > 0, sitk.GetArrayFromImage(raw).transpose(2, 1, 0) > 0)
+    np.testing.assert_allclose(atlas.locs, normalize_locations(reference))
+    # spelled by a user
+    assert np.array_equal(resolve_atlas(" Published ").corners, reference)
+
+
+def test_is_published_corners():
+    from drasclr_lib.preprocess.atlas_source import is_published_corners, published_landmarks
+
+    corners = published_landmarks()
+    assert is_published_corners(corners) and is_published_corners(corners.tolist())
+    moved = corners.copy()
+    moved[17, 2] += 1
+    assert not is_published_corners(moved)
+    assert not is_published_corners(corners[::-1])  # the order is the location index
+    assert not is_published_corners(corners[:580]) and not is_published_corners(np.zeros((0, 3)))
+
+
+def test_a_store_made_with_the_published_atlas_gives_it_back(tmp_path):
+    """Resuming (``"auto"``) and inference (the store folder) on a store made with
+    ``atlas="published"`` get the published atlas, though it is not copied into the store."""
+    from drasclr_lib.data.patch_store import write_store_meta
+    from drasclr_lib.preprocess.atlas_source import PUBLISHED_SOURCE, published_landmarks, resolve_atlas
+
+    corners = published_landmarks()
+    write_store_meta(tmp_path / "pub", corners, normalize_locations(corners), nearest_neighbors(corners, 2),
+                     atlas_source=PUBLISHED_SOURCE)
+    for got in (resolve_atlas(tmp_path / "pub"), resolve_atlas("auto", store=tmp_path / "pub")):
+        assert got.source == PUBLISHED_SOURCE and np.array_equal(got.corners, corners)
+    # the same corners from other files are not taken for the published atlas
+    write_store_meta(tmp_path / "other", corners, normalize_locations(corners), nearest_neighbors(corners, 2),
+                     atlas_source="mask my_atlas.nii.gz, landmarks my_landmarks.npy")
+    with pytest.raises(FileNotFoundError, match="holds no saved atlas"):
+        resolve_atlas(tmp_path / "other")
+    with pytest.raises(ValueError, match="'published'"):
+        resolve_atlas(3)
+
+
+def test_cli_atlas_option(monkeypatch, tmp_path):
+    from drasclr_lib.preprocess import cohort
+
+    seen = []
+
+    def fake(manifest, out_dir, *, atlas, **kwargs):
+        seen.append(atlas)
+        raise ValueError("stop here")  # the CLI reports it and returns 2
+
+    monkeypatch.setattr(cohort, "preprocess_cohort", fake)
+    base = ["--manifest", "m.csv", "--out", str(tmp_path / "store"), "--no-progress"]
+    assert cohort.cli_main(base + ["--atlas", "published"]) == 2
+    assert cohort.cli_main(base) == 2
+    assert cohort.cli_main(base + ["--atlas-mask", "a.nii.gz", "--landmarks", "l.npy"]) == 2
+    assert cohort.cli_main(base + ["--atlas-mask", "a.nii.gz"]) == 2
+    assert seen == ["published", "auto", ("a.nii.gz", "l.npy"), ("a.nii.gz", None)]
+    for bad in (["--atlas", "published", "--atlas-mask", "a.nii.gz"], ["--atlas", "mine"]):
+        with pytest.raises(SystemExit) as exc:
+            cohort.cli_main(base + bad)
+        assert exc.value.code == 2

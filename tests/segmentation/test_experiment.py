@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -71,6 +74,66 @@ def test_label_efficiency_table(small_store, checkpoint, tmp_path, monkeypatch):
     monkeypatch.setattr(ex, "train_segmenter", lambda *a, **k: pytest.fail("should have used the cache"))
     again = ex.label_efficiency(small_store, cache_dir=tmp_path, **kw)
     pd.testing.assert_frame_equal(df, again)
+
+
+def _save_encoder(path, seed: int) -> None:
+    from drasclr_lib.models import DrasEncoder
+
+    torch.manual_seed(seed)
+    torch.save({"state_dict": {f"encoder_q.{k}": v for k, v in DrasEncoder().state_dict().items()}}, path)
+
+
+def test_label_efficiency_cache_is_keyed_on_weights_not_path(tmp_path, monkeypatch):
+    """Notebook 02 rerun with other settings overwrites checkpoint.pt: notebook 05 must not reuse the
+    old weights' Dice (the cache was keyed on the path), and must reuse them for the same weights."""
+    store = PatchStore(make_toy_store(tmp_path / "store", n_subjects=4, grid=(2, 1, 1)))
+    trained = []
+
+    def fake_train(model, store, subset, cfg, progress=False):
+        trained.append(float(model.encoder.conv1.weight.detach().sum()))
+        return [{"loss": 0.5}]
+
+    def fake_evaluate(model, store, test, **kw):  # a Dice that depends on the weights: stale reuse is visible
+        dice = abs(float(model.encoder.conv1.weight.detach().sum())) % 1
+        return pd.DataFrame({"dice": [dice] * len(test), "dice_emphysema": [dice] * len(test)})
+
+    monkeypatch.setattr(ex, "train_segmenter", fake_train)
+    monkeypatch.setattr(ex, "evaluate_segmenter", fake_evaluate)
+    ckpt = tmp_path / "02_pretraining" / "checkpoint.pt"
+    ckpt.parent.mkdir()
+    _save_encoder(ckpt, seed=1)
+    kw = dict(train_subjects=[0, 1, 2], test_subjects=[3], fractions=(1.0,), inits={"drasclr": ckpt}, seeds=(0,),
+              cfg=SegConfig(steps=1, batch_size=2, device="cpu"), progress=False, cache_dir=tmp_path / "runs")
+    first = ex.label_efficiency(store, **kw)
+    assert len(trained) == 1
+    pd.testing.assert_frame_equal(ex.label_efficiency(store, **kw), first)  # same weights: a hit
+    assert len(trained) == 1
+    _save_encoder(ckpt, seed=1)  # the same weights written again (a new mtime): still a hit
+    os.utime(ckpt, ns=(ckpt.stat().st_atime_ns, ckpt.stat().st_mtime_ns + 10**9))
+    pd.testing.assert_frame_equal(ex.label_efficiency(store, **kw), first)
+    assert len(trained) == 1
+    _save_encoder(ckpt, seed=2)  # other weights at the same path: a miss, and the new weights' Dice
+    second = ex.label_efficiency(store, **kw)
+    assert len(trained) == 2 and trained[1] != trained[0]
+    assert second["dice"].iloc[0] != first["dice"].iloc[0]
+    saved = json.loads(next((tmp_path / "runs").glob("drasclr_n3_s0.json")).read_text())
+    assert saved["checkpoint"] == str(ckpt) and len(saved["weights"]) == 16
+    ex.label_efficiency(store, **kw)
+    assert len(trained) == 2
+    # a store rebuilt in the same folder (subjects.csv rewritten: other QC values) is a miss too
+    table = tmp_path / "store" / "subjects.csv"
+    table.write_text(table.read_text() + "toy000,,\n")
+    ex.label_efficiency(store, **kw)
+    assert len(trained) == 3
+    # and so are other lung masks to score in
+    masks = {"toy003": tmp_path / "mask.nii.gz"}
+    masks["toy003"].write_bytes(b"mask 1")
+    ex.label_efficiency(store, lung_masks=masks, **kw)
+    ex.label_efficiency(store, lung_masks=masks, **kw)
+    assert len(trained) == 4
+    masks["toy003"].write_bytes(b"mask 2")
+    ex.label_efficiency(store, lung_masks=masks, **kw)
+    assert len(trained) == 5
 
 
 def test_label_efficiency_validates(small_store):
@@ -183,3 +246,17 @@ def test_ensure_moco_checkpoint_reuses_same_budget_then_any_budget_then_trains(t
     path, how = ex.ensure_moco_checkpoint(**{**kw, "drasclr_run": run02})
     assert path == same and how == f"reused {same.parent} (same budget)"
     assert len(calls) == 3
+
+
+def test_ensure_moco_checkpoint_any_budget_only_on_the_same_data(tmp_path, fake_pretrain):
+    """Notebook 04's MoCo run of another budget is reused only when it was trained on this store's
+    content: a store rebuilt in the same folder since then trains a new one."""
+    from drasclr_lib.training import PretrainConfig, runs
+
+    store, nb04 = make_toy_store(tmp_path / "store", n_subjects=6, grid=(2, 1, 1)), tmp_path / "04"
+    other, _ = runs.ensure_checkpoint("moco", PretrainConfig(store=str(store), max_steps=9), nb04)
+    kw = dict(drasclr_run=None, store=store, out_root=tmp_path / "05", reuse_roots=[nb04], max_steps=5)
+    assert ex.ensure_moco_checkpoint(**kw) == (other, f"reused {other.parent} (its own budget, see its config.json)")
+    make_toy_store(tmp_path / "store", n_subjects=7, grid=(2, 1, 1))  # notebook 01 rerun into the same folder
+    path, how = ex.ensure_moco_checkpoint(**kw)
+    assert how == "trained" and path != other and len(fake_pretrain) == 2

@@ -58,3 +58,35 @@ def test_module_entry_point_runs():
     res = subprocess.run([sys.executable, "-m", "drasclr_lib.training", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 0 and "--keep-self-negatives" in res.stdout and "--beta BETA" in res.stdout
+
+
+def test_every_option_has_a_help_text_of_its_own():
+    """No option of ``drasclr pretrain`` falls back to the placeholder; a documented field added to the
+    config gets the first sentence of its docstring entry (``turn off:`` for a ``--no-`` switch)."""
+    from drasclr_lib.training.cli import field_help
+
+    helps = field_help()
+    assert set(helps) == {f.name for f in fields(PretrainConfig)}
+    assert not [k for k, v in helps.items() if "(no description)" in v or not v.strip()]
+    assert all(a.help for a in build_parser()._actions)
+
+    @dataclass
+    class Documented(PretrainConfig):
+        """More settings.
+
+        Attributes:
+            new_knob: strength of the new thing (0.5; 0 turns it off). More text that is not shown.
+            new_switch, other: whether to do it.
+        """
+
+        new_knob: float = 0.5
+        new_switch: bool = True
+        undocumented: int = 1
+
+    helps = field_help(Documented)
+    assert helps["new_knob"] == "strength of the new thing (0.5; 0 turns it off)"
+    assert helps["new_switch"] == "turn off: whether to do it"
+    assert helps["undocumented"] == "Documented.undocumented (no description)"
+    assert helps["temperature"] == field_help()["temperature"]  # the base's own entries are kept
+    text = " ".join(build_parser(Documented).format_help().split())
+    assert "--new-knob NEW_KNOB strength of the new thing (0.5; 0 turns it off) (default: 0.5)" in text

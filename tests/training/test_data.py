@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from drasclr_lib.data.patch_store import PatchStore
 from drasclr_lib.augment import build_augment
 from drasclr_lib.intensity import hu_to_input
-from drasclr_lib.training.data import LocationBatchSampler, PatchPairDataset, SampleIndex
+from drasclr_lib.training.data import LocationBatchSampler, PatchPairDataset, SampleIndex, subject_groups
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,7 @@ def test_dataset_item_shapes_and_neighbours(store):
     assert item["x_q"].shape == (1, p, p, p) and item["x_nbr"].shape == (2, 1, p, p, p)
     assert item["loc"].shape == (3,) and item["nbr_locs"].shape == (2, 3)
     assert int(item["loc_idx"]) == 4 and int(item["subject"]) == 5
+    assert int(item["group"]) == 5  # no group column: every subject is its own group
     nbrs = store.neighbors[4][:2]
     assert item["nbr_idx"].tolist() == nbrs.tolist()
     # without augmentation the views are the stored patches of the same subject
@@ -243,3 +244,31 @@ def test_dataset_returns_the_locations_of_its_index(store):
         np.testing.assert_array_equal(batch["nbr_locs"].numpy(),
                                       store.locs[store.neighbors[li][:, :K]].astype(np.float32))
     assert len(locs_seen) >= 3
+
+
+def test_subject_groups_index_the_first_visit():
+    import pandas as pd
+
+    sids = ["s0", "s1", "s2", "s3", "s4", "s5", "s6"]
+    t = pd.DataFrame({"group": ["B", "A", np.nan, "B", " A ", "", None]}, index=sids)
+    # the first visit's position; missing or empty = the subject's own group; labels are stripped
+    assert subject_groups(t, sids).tolist() == [0, 1, 2, 0, 1, 5, 6]
+    assert subject_groups(t, sids[::-1]).tolist() == [0, 1, 2, 3, 4, 2, 3]  # positions in the order given
+    # numbers read back from CSV as floats (1.0) are the same patients as ints (1)
+    t2 = pd.DataFrame({"group": [1.0, np.nan, 1.0, 2.0]}, index=sids[:4])
+    assert subject_groups(t2, sids[:4]).tolist() == [0, 1, 0, 3]
+    assert subject_groups(pd.DataFrame(index=sids), sids).tolist() == list(range(7))  # no column
+
+
+def test_dataset_carries_the_patient_group(tmp_path):
+    import pandas as pd
+
+    from drasclr_lib.data.patch_store import finalize_store
+    from drasclr_lib.testing import make_toy_store
+
+    root = make_toy_store(tmp_path / "s", n_subjects=6, grid=(2, 1, 1), patch_size=16, with_labels=False)
+    finalize_store(root, pd.DataFrame({"sid": [f"toy{i:03d}" for i in range(6)],
+                                       "group": ["p1", "p2", "p1", None, "p2", "p1"]}))
+    ds = PatchPairDataset(PatchStore(root), num_neighbors=1, augment=None)
+    assert [int(ds[(s, 0)]["group"]) for s in range(6)] == [0, 1, 0, 3, 1, 0]
+    assert [int(ds[(s, 0)]["subject"]) for s in range(6)] == list(range(6))

@@ -94,3 +94,16 @@ def test_pretrain_or_reuse_skips_resumes_and_replaces(tmp_path, capsys):
     assert trained and load_checkpoint(path)["step"] == 2 and "resuming" not in capsys.readouterr().out
     path, trained = pretrain_or_reuse(cfg, force=True)
     assert trained and load_checkpoint(path)["step"] == 2
+
+
+def test_a_store_rebuilt_in_the_same_folder_is_not_reused(tmp_path, fake_pretrain):
+    """done.json records the store's content digest: notebook 01 rerun into the same folder (other
+    subjects or settings) makes notebook 02 train again instead of reusing the old store's run."""
+    store = make_toy_store(tmp_path / "store", n_subjects=6, grid=(2, 1, 1))
+    base = PretrainConfig(store=str(store), epochs=1, max_steps=5, batch_size=4, queue_size=8)
+    assert ensure_checkpoint("moco", base, tmp_path / "runs")[1] == "trained"
+    assert ensure_checkpoint("moco", base, tmp_path / "runs")[1] == "cached"
+    make_toy_store(tmp_path / "store", n_subjects=7, grid=(2, 1, 1))  # rebuilt in place
+    path, how = ensure_checkpoint("moco", base, tmp_path / "runs")
+    assert how == "trained" and len(fake_pretrain) == 2
+    assert ensure_checkpoint("moco", base, tmp_path / "runs")[1] == "cached"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures as cf
 import multiprocessing as mp
 import sys
@@ -288,17 +287,30 @@ def make_cohort(out_dir, n_subjects: int = 24, seed: int = 0, *, size="demo", sp
 
 
 def cli_main(argv=None) -> int:
-    """``drasclr synth --out DIR --n N --seed S --size demo|adult|SCALE [--workers W]``."""
-    p = argparse.ArgumentParser(prog="drasclr synth", description="Write a synthetic lung-CT cohort and its manifest.")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--n", type=int, default=24, help="number of subjects (default 24)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", default="demo", help="demo, adult, or a float scale of the adult template")
-    p.add_argument("--spacing", type=float, nargs=3, default=(0.8, 0.8, 2.5), metavar=("X", "Y", "Z"))
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--overwrite", action="store_true")
+    """``drasclr synth --out DIR [--n N] [--seed S] [--size demo|adult|SCALE] [--workers W]``: prints the manifest."""
+    from drasclr_lib.cli_help import command_parser
+
+    p = command_parser(
+        "drasclr synth",
+        "Write a synthetic lung-CT cohort (NIfTI CT, lung masks, lobe maps, voxel emphysema labels) and its\n"
+        "manifest.csv with clinical labels generated from the latent disease. Subject i depends only on\n"
+        "(seed, i), so a rerun with more subjects keeps the first ones; existing subjects are reused.",
+        [("the notebooks' default cohort (24 subjects, ~2 s each)", "drasclr synth --out outputs/synthetic_cohort"),
+         ("a larger, adult-sized cohort on 8 processes",
+          "drasclr synth --out cohort --n 200 --size adult --spacing 0.7 0.7 1.25 --workers 8")])
+    p.add_argument("--out", required=True, help="output folder (created): images/, lung_masks/, labels/, lobes/, "
+                                               "manifest.csv")
+    p.add_argument("--n", type=int, default=24, help="number of subjects (sids syn0000, syn0001, ...)")
+    p.add_argument("--seed", type=int, default=0, help="cohort seed")
+    p.add_argument("--size", default="demo", help="body size: demo (~215 mm wide), adult (350 x 300 x 310 mm "
+                                                 "field), or a float scale of the adult template")
+    p.add_argument("--spacing", type=float, nargs=3, default=(0.8, 0.8, 2.5), metavar=("X", "Y", "Z"),
+                   help="voxel size in mm")
+    p.add_argument("--workers", type=int, default=2, help="parallel processes (1: in this process)")
+    p.add_argument("--overwrite", action="store_true", help="regenerate subjects that already exist")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     path = make_cohort(args.out, args.n, args.seed, size=args.size, spacing=args.spacing, workers=args.workers,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, progress=not args.no_progress)
     print(path)
     return 0

@@ -245,7 +245,8 @@ def predict_patches(model, patches_hu: np.ndarray, locs: np.ndarray, *, batch_si
     model.to(dev).eval()
     out = []
     for i in range(0, len(patches_hu), batch_size):
-        x = hu_to_input(torch.from_numpy(np.asarray(patches_hu[i:i + batch_size]))).unsqueeze(1).to(dev)
+        batch = np.array(patches_hu[i:i + batch_size])  # a writable copy: store patches are read-only maps
+        x = hu_to_input(torch.from_numpy(batch)).unsqueeze(1).to(dev)
         loc = torch.as_tensor(np.asarray(locs[i:i + batch_size]), dtype=torch.float32, device=dev)
         out.append(torch.softmax(model(x, loc).float(), dim=1).cpu().numpy())
     return np.concatenate(out)

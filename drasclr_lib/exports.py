@@ -23,7 +23,6 @@ schema metadata under the key ``drasclr``), or the ``EmbeddingSet`` itself as ``
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
@@ -33,7 +32,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from drasclr_lib.data.manifest import PATH_COLUMNS
+from drasclr_lib.data.manifest import PATH_COLUMNS, close_match
 from drasclr_lib.embed import EmbeddingSet, pool_subjects
 from drasclr_lib.utils import atomic_path
 
@@ -121,8 +120,8 @@ def _pick_columns(table: pd.DataFrame, columns: Sequence[str], where) -> list[st
     bad = []
     for c in columns:
         if c not in have:
-            close = difflib.get_close_matches(c, have, n=1) or [h for h in have if h.lower() == c.lower()]
-            bad.append(f"{c!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            close = close_match(c, have)
+            bad.append(f"{c!r}" + (f" (did you mean {close!r}?)" if close else ""))
     if bad:
         raise KeyError(f"column(s) {', '.join(bad)} are not in the subject table of {where} "
                        f"(it has: {', '.join(have)})")

@@ -11,6 +11,13 @@ fraction per voxel); the pyramid's shrink factors apply to that grid. For speed 
 bounding box of their lung plus a margin (15 mm atlas, 30 mm subject), and the metric samples
 a fixed number of voxels per level (50 000 by default; fixed seed, so the result is
 deterministic): an adult 1 mm mask pair registers in seconds instead of minutes.
+
+Partial fields of view. Outside the scanned volume the subject mask says "no lung" only because
+nothing was scanned there; a registration that believed it would stretch a lung cut at its bases
+over the whole atlas lung. Given the subject's field-of-view mask (``subject_inside``, see
+:func:`~drasclr_lib.preprocess.resample.fov_mask`), the metric ignores atlas points that land
+outside the scan (a moving-image mask), and :func:`registration_dice` /
+:func:`fov_lung_coverage` count only, resp. measure, the part of the atlas lung the scan covers.
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ import SimpleITK as sitk
 from drasclr_lib.preprocess.errors import PreprocessError
 from drasclr_lib.preprocess.resample import available_cores
 
-__all__ = ["register_masks", "registration_dice", "mask_dice", "transform_to_dict", "transform_from_dict", "binarize"]
+__all__ = ["register_masks", "registration_dice", "fov_lung_coverage", "mask_dice", "transform_to_dict",
+           "transform_from_dict", "binarize"]
 
 _TRANSFORM_TYPES = {
     "AffineTransform": lambda: sitk.AffineTransform(3),
@@ -39,7 +47,8 @@ def binarize(mask: sitk.Image) -> sitk.Image:
     return sitk.Cast(sitk.NotEqual(mask, 0), sitk.sitkFloat32)
 
 
-def _crop_to_mask(mask_f: sitk.Image, margin_mm: float) -> sitk.Image:
+def _crop_box(mask_f: sitk.Image, margin_mm: float) -> tuple[list[int], list[int]]:
+    """(size, index) of the bounding box of the mask's nonzero voxels plus ``margin_mm``."""
     arr = sitk.GetArrayViewFromImage(mask_f)
     nz = np.nonzero(arr)
     lo = np.array([nz[2].min(), nz[1].min(), nz[0].min()])
@@ -47,7 +56,11 @@ def _crop_to_mask(mask_f: sitk.Image, margin_mm: float) -> sitk.Image:
     m = np.ceil(margin_mm / np.array(mask_f.GetSpacing())).astype(int)
     lo = np.maximum(lo - m, 0)
     hi = np.minimum(hi + m, np.array(mask_f.GetSize()) - 1)
-    return sitk.RegionOfInterest(mask_f, [int(v) for v in hi - lo + 1], [int(v) for v in lo])
+    return [int(v) for v in hi - lo + 1], [int(v) for v in lo]
+
+
+def _crop_to_mask(mask_f: sitk.Image, margin_mm: float) -> sitk.Image:
+    return sitk.RegionOfInterest(mask_f, *_crop_box(mask_f, margin_mm))
 
 
 def _bin_shrink(img: sitk.Image, working_mm: float) -> sitk.Image:
@@ -58,7 +71,8 @@ def _bin_shrink(img: sitk.Image, working_mm: float) -> sitk.Image:
 def register_masks(atlas_mask: sitk.Image, subject_mask: sitk.Image, *, sid: str | None = None,
                    shrink=(4, 2, 1), smoothing=(2, 1, 0), iterations: int = 200,
                    max_samples: int = 50_000, bins: int = 32, margin_mm: float = 15.0,
-                   working_mm: float | None = 2.0, seed: int = 0) -> tuple[sitk.Transform, dict]:
+                   working_mm: float | None = 2.0, seed: int = 0,
+                   subject_inside: sitk.Image | None = None) -> tuple[sitk.Transform, dict]:
     """Affine registration, fixed = atlas lung mask, moving = subject lung mask.
 
     Args:
@@ -78,6 +92,10 @@ def register_masks(atlas_mask: sitk.Image, subject_mask: sitk.Image, *, sid: str
             fraction on a 2 mm grid loses nothing an affine needs and is 8x lighter than 1 mm.
             ``None`` registers on the masks' own grid.
         seed: seed of the metric sampling.
+        subject_inside: the subject's field of view on the subject mask's grid (nonzero = scanned;
+            :func:`~drasclr_lib.preprocess.resample.fov_mask`). Where it does not cover the cropped
+            subject mask, it becomes the metric's moving-image mask: atlas points mapped outside
+            the scan are not compared. ``None``: every voxel counts (the scan is whole).
 
     Returns:
         ``(transform, info)``: an ``sitk.AffineTransform`` mapping atlas physical points (mm) to
@@ -99,9 +117,19 @@ def register_masks(atlas_mask: sitk.Image, subject_mask: sitk.Image, *, sid: str
         if not np.any(sitk.GetArrayViewFromImage(img)):
             raise PreprocessError(f"the {name} lung mask is empty; cannot register", stage="register", sid=sid)
     fixed = _crop_to_mask(fixed, margin_mm)
-    moving = _crop_to_mask(moving, 2 * margin_mm)
+    box = _crop_box(moving, 2 * margin_mm)
+    moving = sitk.RegionOfInterest(moving, *box)
+    moving_mask = None
+    if subject_inside is not None:
+        inside = sitk.Cast(sitk.NotEqual(sitk.RegionOfInterest(subject_inside, *box), 0), sitk.sitkFloat32)
+        if not np.all(sitk.GetArrayViewFromImage(inside)):  # a whole scan needs no mask (and is faster)
+            moving_mask = inside
     if working_mm:
         fixed, moving = _bin_shrink(fixed, working_mm), _bin_shrink(moving, working_mm)
+        if moving_mask is not None:
+            moving_mask = _bin_shrink(moving_mask, working_mm)
+    if moving_mask is not None:  # scanned where at least half of a working voxel was
+        moving_mask = sitk.Cast(sitk.GreaterEqual(moving_mask, 0.5), sitk.sitkUInt8)
 
     tx = sitk.AffineTransform(3)
     init = sitk.CenteredTransformInitializer(fixed, moving, tx, sitk.CenteredTransformInitializerFilter.MOMENTS)
@@ -128,6 +156,8 @@ def register_masks(atlas_mask: sitk.Image, subject_mask: sitk.Image, *, sid: str
     reg.SetSmoothingSigmasPerLevel([float(s) for s in smoothing])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     reg.SetInitialTransform(tx, inPlace=True)
+    if moving_mask is not None:
+        reg.SetMetricMovingMask(moving_mask)
     counter = {"n": 0}
     reg.AddCommand(sitk.sitkIterationEvent, lambda: counter.__setitem__("n", counter["n"] + 1))
     try:
@@ -141,6 +171,7 @@ def register_masks(atlas_mask: sitk.Image, subject_mask: sitk.Image, *, sid: str
         "time_s": float(time.perf_counter() - t0),
         "converged": "maximum number of iterations" not in stop.lower(),
         "stop_condition": stop,
+        "fov_masked": moving_mask is not None,
     }
     return tx, info
 
@@ -167,18 +198,60 @@ def mask_dice(a: np.ndarray | sitk.Image, b: np.ndarray | sitk.Image) -> float:
     return 1.0 if denom == 0 else 2.0 * int(np.count_nonzero(av & bv)) / denom
 
 
-def registration_dice(atlas_mask: sitk.Image, subject_mask: sitk.Image, transform: sitk.Transform) -> float:
+def _fov_in_atlas(atlas_mask: sitk.Image, subject_inside: sitk.Image, transform: sitk.Transform) -> np.ndarray:
+    """(k, j, i) bool on the atlas grid: atlas voxels whose subject point lies inside the scan."""
+    warped = sitk.Resample(sitk.NotEqual(subject_inside, 0), atlas_mask, transform, sitk.sitkNearestNeighbor, 0,
+                           sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(warped) > 0
+
+
+def registration_dice(atlas_mask: sitk.Image, subject_mask: sitk.Image, transform: sitk.Transform, *,
+                      subject_inside: sitk.Image | None = None) -> float:
     """Dice (:func:`mask_dice`) of the warped subject lung mask with the atlas lung mask (nonzero = lung).
 
     The subject mask is resampled onto the atlas grid through ``transform`` (atlas -> subject
     points) with nearest-neighbour interpolation.
+
+    Args:
+        atlas_mask, subject_mask: lung masks (nonzero = lung).
+        transform: atlas physical -> subject physical points.
+        subject_inside: the subject's field of view on its grid (nonzero = scanned). Given, the
+            Dice is taken over the atlas voxels that land inside the scan only: how well the
+            scanned lung is aligned, not how much lung was scanned (that is
+            :func:`fov_lung_coverage`). For a whole scan it is the plain Dice.
 
     Returns:
         Dice in [0, 1] (1.0 when both masks are empty).
     """
     a = sitk.NotEqual(atlas_mask, 0)
     warped = sitk.Resample(sitk.NotEqual(subject_mask, 0), a, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    return mask_dice(a, warped)
+    if subject_inside is None:
+        return mask_dice(a, warped)
+    seen = _fov_in_atlas(a, subject_inside, transform)
+    return mask_dice(sitk.GetArrayViewFromImage(a) * seen, sitk.GetArrayViewFromImage(warped) * seen)
+
+
+def fov_lung_coverage(atlas_mask: sitk.Image, subject_inside: sitk.Image, transform: sitk.Transform) -> float:
+    """Fraction of the atlas lung that the subject's scan covers.
+
+    The field of view is carried into the atlas (nearest neighbour through ``transform``, atlas
+    -> subject points): the share of atlas lung voxels whose subject point lies inside the
+    scanned volume. 1.0 for a scan showing the whole lung; a scan stopping above the lung bases
+    covers less.
+
+    Args:
+        atlas_mask: atlas lung mask (nonzero = lung).
+        subject_inside: the subject's field of view on its grid (nonzero = scanned).
+        transform: atlas physical -> subject physical points.
+
+    Returns:
+        Coverage in [0, 1] (1.0 for an empty atlas mask).
+    """
+    a = sitk.GetArrayViewFromImage(atlas_mask) != 0
+    n = int(np.count_nonzero(a))
+    if n == 0:
+        return 1.0
+    return float(np.count_nonzero(a & _fov_in_atlas(atlas_mask, subject_inside, transform))) / n
 
 
 def _unwrap(tx: sitk.Transform) -> sitk.Transform:

@@ -135,19 +135,196 @@ def count_reasons(reason_lists: Iterable) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+#: Slices thicker than this (mm; the larger of SliceThickness and the slice step) are flagged
+#: ``thick_slices``: emphysema holes of a few mm are averaged away at 5 mm, so %LAA-950 falls and
+#: the patches' texture is not that of the thin-slice (<= 1.25 mm) scans the method was made on.
+THICK_SLICE_MM = 3.0
+#: Air measured more than this far from -1000 HU (HU) is flagged ``hu_offset``. Scanner QA keeps
+#: air within about +-10 HU (water +-4); the synthetic cohort draws offsets in +-20 HU as normal
+#: variation; 50 HU moves the -950 HU threshold past most of the emphysema distribution, so above it
+#: the density figures are not comparable across scanners.
+HU_OFFSET_LIMIT = 50.0
+#: A median lung density above this (HU) is flagged ``expiratory?``. Normal lungs at full
+#: inspiration measure about -860 HU (fibrosis, oedema or obesity raise it to -820), at expiration
+#: about -730 HU (COPDGene expiratory scans); -775 lies between. Lung *volume* is not used: it
+#: depends on body size and on the field of view (a cropped scan or the small synthetic bodies,
+#: 1.5 l, would read as expiratory). The ``?``: dense lungs have other causes.
+EXPIRATORY_MEDIAN_HU = -775.0
+#: DICOM PatientPosition values (0018,5100) flagged ``prone`` and ``decubitus``.
+PRONE_POSITIONS = ("HFP", "FFP")
+DECUBITUS_POSITIONS = ("HFDR", "HFDL", "FFDR", "FFDL")
+#: A table candidate: a tissue component outside the body at least this wide (fraction of the
+#: body's left-right width) and at most half as deep as wide, found in at least
+#: :data:`TABLE_MIN_SLICES` of the axial slices.
+TABLE_MIN_WIDTH = 0.5
+TABLE_MIN_SLICES = 0.3
+#: The body mask holds the table when, in at least half of the slices, the body's row at
+#: :data:`TABLE_EDGE_DEPTH` of its depth from the front or back edge is at least
+#: :data:`TABLE_EDGE_WIDTH` of its widest row: a flat plate, where a chest (an ellipse, flattened
+#: by lying on its back) is at most about 0.7 as wide there.
+TABLE_EDGE_DEPTH = 0.04
+TABLE_EDGE_WIDTH = 0.9
+
+_TISSUE_HU = -500.0
+_WORK_MM = 2.0
+
+
+def _work_array(native: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """The native CT at about 2 mm in-plane (slices kept): (K, J, I) float32 and its spacing (k, j, i) mm."""
+    sp = np.array(native.GetSpacing(), dtype=np.float64)
+    step = [max(1, int(round(_WORK_MM / s))) for s in sp[:2]]
+    arr = sitk.GetArrayViewFromImage(native)[:, ::step[1], ::step[0]].astype(np.float32)
+    return arr, np.array([sp[2], sp[1] * step[1], sp[0] * step[0]])
+
+
+def _body(arr: np.ndarray, csp: np.ndarray) -> np.ndarray:
+    from drasclr_lib.preprocess.lung_mask import _body_mask  # the body the lung segmentation uses
+
+    return _body_mask(arr, csp)
+
+
+def _fill_2d(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage as ndi
+
+    return np.stack([ndi.binary_fill_holes(m) if m.any() else m for m in mask])
+
+
+def air_hu(native: sitk.Image, body: np.ndarray | None = None) -> tuple[float, int]:
+    """Median HU of the air outside the body (the calibration reference, -1000 HU when right).
+
+    Air: voxels between -1400 and -500 HU, more than 6 mm from the body (partial volume, blankets)
+    and not enclosed by tissue in their slice (the table's foam core). The scanner's fill value
+    outside the reconstruction circle (the image minimum, when it covers over 1 % of the voxels) is
+    left out.
+
+    Returns:
+        (median HU, number of voxels used at ~2 mm); (NaN, n) when fewer than 500 voxels.
+    """
+    from scipy import ndimage as ndi
+
+    arr, csp = _work_array(native)
+    if body is None:
+        body = _body(arr, csp)
+    near = ndi.binary_dilation(body, structure=np.ones((1, 3, 3), bool), iterations=max(1, int(round(6 / csp[1]))))
+    enclosed = _fill_2d(arr > _TISSUE_HU)
+    air = (arr > -1400) & (arr < _TISSUE_HU) & ~near & ~enclosed
+    lo = float(arr.min())
+    if np.count_nonzero(arr == lo) > 0.01 * arr.size:
+        air &= arr != lo
+    n = int(air.sum())
+    return (float(np.median(arr[air])) if n >= 500 else float("nan")), n
+
+
+def table_side(native: sitk.Image, body: np.ndarray | None = None) -> tuple[str, float]:
+    """Where the scanner table lies, relative to the body, in patient coordinates.
+
+    Per axial slice, the tissue components outside the body are searched for a table (wide and
+    flat: :data:`TABLE_MIN_WIDTH`); the table lies posterior to a supine patient and anterior to
+    a prone one (the image is in patient coordinates, LPS).
+
+    Returns:
+        (``"posterior"``, ``"anterior"`` or ``""`` when no table is seen in
+        :data:`TABLE_MIN_SLICES` of the slices, fraction of slices with a table).
+    """
+    from scipy import ndimage as ndi
+
+    arr, csp = _work_array(native)
+    if body is None:
+        body = _body(arr, csp)
+    outside = (arr > _TISSUE_HU) & ~body
+    votes = []
+    for k in range(arr.shape[0]):
+        jj_b, ii_b = np.nonzero(body[k])
+        if jj_b.size < 50:
+            continue
+        width_b = ii_b.max() - ii_b.min() + 1
+        lab, n = ndi.label(outside[k])
+        if n == 0:
+            continue
+        for sl, idx in zip(ndi.find_objects(lab), range(1, n + 1)):
+            dj, di = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
+            if di >= TABLE_MIN_WIDTH * width_b and dj <= 0.5 * di:
+                jj = np.nonzero(lab[sl] == idx)[0] + sl[0].start
+                votes.append(1 if jj.mean() > jj_b.mean() else -1)
+                break
+    frac = len(votes) / max(arr.shape[0], 1)
+    if frac < TABLE_MIN_SLICES:
+        return "", frac
+    return ("posterior" if np.sum(votes) >= 0 else "anterior"), frac
+
+
+def table_in_body(native: sitk.Image, body: np.ndarray | None = None) -> float:
+    """Fraction of slices whose body mask ends in a flat plate (see :data:`TABLE_EDGE_WIDTH`)."""
+    arr, csp = _work_array(native)
+    if body is None:
+        body = _body(arr, csp)
+    flat, n = 0, 0
+    for k in range(arr.shape[0]):
+        widths = body[k].sum(axis=1)
+        rows = np.nonzero(widths)[0]
+        if rows.size < 10:
+            continue
+        n += 1
+        depth = rows[-1] - rows[0] + 1
+        off = max(1, int(round(TABLE_EDGE_DEPTH * depth)))
+        edge = max(widths[rows[0] + off], widths[rows[-1] - off])
+        flat += edge >= TABLE_EDGE_WIDTH * widths.max()
+    return flat / max(n, 1)
+
+
 def input_reasons(native: sitk.Image, ct_1mm: sitk.Image, lung_1mm: sitk.Image,
                   inside_1mm: sitk.Image | None = None) -> list[str]:
-    """Reasons found on the scan itself (no registration needed).
+    """Reasons found on the scan itself (no registration needed); all are warnings.
+
+    ``thick_slices`` (:data:`THICK_SLICE_MM`), ``slice_gap`` and ``gantry_tilt`` (what the DICOM
+    reader resampled or corrected), ``hu_offset`` (:func:`air_hu`, :data:`HU_OFFSET_LIMIT`),
+    ``expiratory?`` (:data:`EXPIRATORY_MEDIAN_HU`, on the median lung HU less the measured air
+    offset), ``prone`` / ``decubitus`` (DICOM
+    PatientPosition when present, else :func:`table_side`), ``table_in_body``
+    (:func:`table_in_body`).
 
     Args:
         native: the CT as :func:`~drasclr_lib.preprocess.io.read_ct` returned it (HU, LPS), with
-            the metadata the reader attaches.
+            the metadata the reader attaches (:func:`~drasclr_lib.preprocess.io.scan_metadata`).
         ct_1mm: the padded 1 mm CT (HU).
         lung_1mm: the lung mask on that grid (nonzero = lung).
-        inside_1mm: 1 inside the original field of view on that grid (``None``: every voxel above
-            -1500 HU counts as scanned).
+        inside_1mm: 1 inside the original field of view on that grid (``None``: the whole grid);
+            lung voxels outside it are not counted in the density.
 
     Returns:
-        Reason tokens (empty for a good, whole, inspiratory, supine scan).
+        Reason tokens, in the order above (empty for a good, whole, inspiratory, supine scan).
     """
-    return []
+    from drasclr_lib.preprocess.io import scan_metadata
+
+    meta = scan_metadata(native)
+    out: list[str] = []
+    thick = max(meta["slice_thickness_mm"], meta["slice_spacing_mm"])
+    if thick > THICK_SLICE_MM + 1e-6:
+        out.append(reason("thick_slices", thick))
+    if np.isfinite(meta["max_slice_gap_mm"]):
+        out.append(reason("slice_gap", meta["max_slice_gap_mm"]))
+    if meta["gantry_tilt_deg"] > 0:
+        out.append(reason("gantry_tilt", meta["gantry_tilt_deg"]))
+    arr, csp = _work_array(native)
+    body = _body(arr, csp)
+    air, _ = air_hu(native, body)
+    if np.isfinite(air) and abs(air + 1000.0) > HU_OFFSET_LIMIT:
+        out.append(reason("hu_offset", air + 1000.0))
+    lung = sitk.GetArrayViewFromImage(lung_1mm) > 0
+    if inside_1mm is not None:
+        lung = lung & (sitk.GetArrayViewFromImage(inside_1mm) > 0)
+    if lung.any():  # the calibration offset measured on air is taken out first: it is not breathing
+        median = float(np.median(sitk.GetArrayViewFromImage(ct_1mm)[lung])) - (air + 1000.0 if np.isfinite(air) else 0.0)
+        if median > EXPIRATORY_MEDIAN_HU:
+            out.append(reason("expiratory?"))
+    position = meta["patient_position"]
+    if position:
+        if position in PRONE_POSITIONS:
+            out.append(reason("prone"))
+        elif position in DECUBITUS_POSITIONS:
+            out.append(reason("decubitus"))
+    elif table_side(native, body)[0] == "anterior":
+        out.append(reason("prone"))
+    if table_in_body(native, body) >= 0.5:
+        out.append(reason("table_in_body"))
+    return out

@@ -10,7 +10,8 @@ Invalid patches (less than the store's ``min_patch_fov``, half, inside the scann
 :meth:`~drasclr_lib.data.patch_store.PatchStore.valid_patches`) are mostly padding, which reads as
 -1024 HU air: their embeddings are **NaN** rows (``h[n, l] = nan``, so ``h`` keeps its (N, L, D)
 shape and every location its column), and :func:`pool_subjects` skips them. Code that takes
-patch rows of ``h`` keeps the finite ones (``np.isfinite(h).all(-1)``). (The random-weight baseline encoder is :func:`drasclr_lib.models.random_encoder`, the
+patch rows of ``h`` keeps the finite ones (``np.isfinite(h).all(-1)``). Length (~360 lines): the
+embedding set, the two ways of embedding and the pooling share the invalid-patch convention. (The random-weight baseline encoder is :func:`drasclr_lib.models.random_encoder`, the
 per-patch facts the maps and metrics colour by are :func:`drasclr_lib.data.patch_store.patch_table`,
 and the ``drasclr embed`` command is :mod:`drasclr_lib.embed_cli`.)
 """

@@ -119,8 +119,10 @@ def patch_qct_features(store, subjects=None) -> np.ndarray:
 
     %LAA-950 is the record's ``patch_laa950`` when present, else 100 x the share of the patch's
     lung-proxy voxels (< -500 HU) below -950 HU; the lung fraction is ``patch_lung_fraction`` or
-    the share of lung-proxy voxels. Invalid patches (mostly padding, whose -1024 HU would count
-    as emphysema) are NaN.
+    the share of lung-proxy voxels. Records that know the field of view (``patch_fov_fraction``)
+    count scanned lung only: their per-patch values are used as they are, a patch without
+    scanned lung being 0 % in 0 lung (the HU proxy would count padding, -1024 HU, as emphysema).
+    Invalid patches (mostly padding) are NaN.
     """
     subjects = store.sids if subjects is None else list(subjects)
     L, P = store.num_locations, store.patch_size
@@ -129,6 +131,9 @@ def patch_qct_features(store, subjects=None) -> np.ndarray:
         rec = store.record(s)
         laa = _known(rec.patch_laa950)
         frac = _known(rec.patch_lung_fraction)
+        if rec.patch_fov_fraction is not None and rec.patch_laa950 is not None and rec.patch_lung_fraction is not None:
+            laa = np.nan_to_num(rec.patch_laa950, nan=0.0)
+            frac = np.nan_to_num(rec.patch_lung_fraction, nan=0.0)
         if laa is None or frac is None:
             hu = np.asarray(store.patches(s)).reshape(L, -1)
             lung = hu < LUNG_HU

@@ -25,6 +25,9 @@ them (:func:`~drasclr_lib.preprocess.checks.qc_pass_from`). Patches less than
 :data:`~drasclr_lib.data.patch_store.records.MIN_PATCH_FOV` inside the scan are invalid wherever
 the store is read (:meth:`~drasclr_lib.data.patch_store.PatchStore.valid_patches`).
 
+Length (~360 lines): the two result types with their record and reasons, and the stages in order;
+one scan's path is read in one file.
+
 :func:`scan_to_1mm` runs the first three (the atlas builder ``Atlas.from_subject`` and the
 notebooks use it), :func:`process_scan` all five. Their callers: the store writer
 (:func:`~drasclr_lib.preprocess.cohort.preprocess_subject`: ``process_scan`` then

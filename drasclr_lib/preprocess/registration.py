@@ -13,11 +13,20 @@ a fixed number of voxels per level (50 000 by default; fixed seed, so the result
 deterministic): an adult 1 mm mask pair registers in seconds instead of minutes.
 
 Partial fields of view. Outside the scanned volume the subject mask says "no lung" only because
-nothing was scanned there; a registration that believed it would stretch a lung cut at its bases
-over the whole atlas lung. Given the subject's field-of-view mask (``subject_inside``, see
-:func:`~drasclr_lib.preprocess.resample.fov_mask`), the metric ignores atlas points that land
-outside the scan (a moving-image mask), and :func:`registration_dice` /
-:func:`fov_lung_coverage` count only, resp. measure, the part of the atlas lung the scan covers.
+nothing was scanned there; a registration that believed it would squeeze the whole atlas lung
+into a lung cut at its bases, and the missing part would seem scanned. Given the subject's
+field-of-view mask (``subject_inside``, see :func:`~drasclr_lib.preprocess.resample.fov_mask`)
+and a lung that touches its border, registration compares the scanned voxels only: the subject
+becomes the fixed image with the field of view as the metric mask (a sample set that does not
+change with the transform), the translation starts from the uncut ends of the lungs (e.g. the
+apices) rather than their centroids, and the result is inverted back to atlas -> subject. On a
+synthetic scan cut at 57 / 80 / 95 % of its lung the atlas coverage came out 0.59 / 0.83 / 0.94
+(0.98 / 0.95 / 0.97 without the field of view); a lung that does not touch the border of the
+scan registers exactly as before. :func:`registration_dice` and :func:`fov_lung_coverage` then
+count only, resp. measure, the part of the atlas lung the scan covers.
+
+Length (~370 lines): one registration with its two measures (Dice, coverage) and the transform's
+file form; the partial-field-of-view handling belongs to the same optimisation.
 """
 
 from __future__ import annotations
@@ -63,6 +72,52 @@ def _crop_to_mask(mask_f: sitk.Image, margin_mm: float) -> sitk.Image:
     return sitk.RegionOfInterest(mask_f, *_crop_box(mask_f, margin_mm))
 
 
+def _physical_bbox(mask: np.ndarray, img: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Physical (x, y, z) min and max of the nonzero voxels of a (k, j, i) array on ``img``'s grid."""
+    nz = np.nonzero(mask)
+    lo = [int(nz[2].min()), int(nz[1].min()), int(nz[0].min())]
+    hi = [int(nz[2].max()), int(nz[1].max()), int(nz[0].max())]
+    pts = np.array([img.TransformContinuousIndexToPhysicalPoint([float(c[a]) for a in range(3)])
+                    for c in ([lo[0] if b & 1 else hi[0], lo[1] if b & 2 else hi[1], lo[2] if b & 4 else hi[2]]
+                              for b in range(8))])
+    return pts.min(0), pts.max(0)
+
+
+def _cut_sides(moving: sitk.Image, moving_mask: sitk.Image) -> list[tuple[bool, bool]]:
+    """Per index axis (i, j, k) of the moving grid: is the subject's lung cut by the field of view
+    on the low side, on the high side (a lung voxel next to a voxel outside the scan)?"""
+    lung = sitk.GetArrayViewFromImage(moving) >= 0.5
+    outside = sitk.GetArrayViewFromImage(moving_mask) == 0
+    out = []
+    for axis in range(3):
+        arr_axis = 2 - axis  # i, j, k = array axes 2, 1, 0
+        hi_part = [slice(None)] * 3
+        lo_part = [slice(None)] * 3
+        hi_part[arr_axis], lo_part[arr_axis] = slice(1, None), slice(None, -1)
+        cut_low = bool((lung[tuple(hi_part)] & outside[tuple(lo_part)]).any())  # the voxel at index - 1 is outside
+        cut_high = bool((lung[tuple(lo_part)] & outside[tuple(hi_part)]).any())  # the voxel at index + 1 is outside
+        out.append((cut_low, cut_high))
+    return out
+
+
+def _align_uncut_ends(tx: sitk.AffineTransform, fixed: sitk.Image, moving: sitk.Image, cuts) -> None:
+    """Re-initialise the translation of ``tx`` along every axis on which the subject's lung is cut
+    by the field of view on one side only (``cuts`` from :func:`_cut_sides`): the uncut ends (e.g.
+    the apices of a scan stopping above the bases) are put on each other instead of the centroids,
+    which would shift the whole atlas lung by half the part the scan misses."""
+    direction = np.asarray(moving.GetDirection(), dtype=np.float64).reshape(3, 3)
+    f_lo, f_hi = _physical_bbox(sitk.GetArrayViewFromImage(fixed) >= 0.5, fixed)
+    m_lo, m_hi = _physical_bbox(sitk.GetArrayViewFromImage(moving) >= 0.5, moving)
+    t = np.array(tx.GetTranslation(), dtype=np.float64)
+    for axis, (cut_low, cut_high) in enumerate(cuts):
+        if cut_low == cut_high:
+            continue
+        phys = int(np.argmax(np.abs(direction[:, axis])))  # the physical axis this index axis runs along
+        low_side_cut = cut_low == (direction[phys, axis] > 0)
+        t[phys] = (m_hi[phys] - f_hi[phys]) if low_side_cut else (m_lo[phys] - f_lo[phys])
+    tx.SetTranslation([float(v) for v in t])
+
+
 def _bin_shrink(img: sitk.Image, working_mm: float) -> sitk.Image:
     f = [max(1, int(round(working_mm / s))) for s in img.GetSpacing()]
     return sitk.BinShrink(img, f) if max(f) > 1 else img
@@ -93,15 +148,17 @@ def register_masks(atlas_mask: sitk.Image, subject_mask: sitk.Image, *, sid: str
             ``None`` registers on the masks' own grid.
         seed: seed of the metric sampling.
         subject_inside: the subject's field of view on the subject mask's grid (nonzero = scanned;
-            :func:`~drasclr_lib.preprocess.resample.fov_mask`). Where it does not cover the cropped
-            subject mask, it becomes the metric's moving-image mask: atlas points mapped outside
-            the scan are not compared. ``None``: every voxel counts (the scan is whole).
+            :func:`~drasclr_lib.preprocess.resample.fov_mask`). When the lung touches its border
+            (cut by the field of view), only scanned voxels are compared (see the module
+            docstring). ``None``, or a lung wholly inside the scan: the plain registration.
 
     Returns:
         ``(transform, info)``: an ``sitk.AffineTransform`` mapping atlas physical points (mm) to
         subject physical points; ``info`` has ``metric`` (final Mattes MI value, lower is better),
         ``iterations`` (total over levels), ``time_s``, ``converged`` (bool: the last level
-        stopped on the convergence test, not on the iteration limit) and ``stop_condition``.
+        stopped on the convergence test, not on the iteration limit), ``stop_condition`` and
+        ``fov_masked`` (bool: the lung was cut by the field of view and only scanned voxels were
+        compared).
 
     Raises:
         PreprocessError: stage ``"register"`` for an empty mask, mismatched level settings or a
@@ -128,17 +185,34 @@ def register_masks(atlas_mask: sitk.Image, subject_mask: sitk.Image, *, sid: str
         fixed, moving = _bin_shrink(fixed, working_mm), _bin_shrink(moving, working_mm)
         if moving_mask is not None:
             moving_mask = _bin_shrink(moving_mask, working_mm)
+    cuts = None
     if moving_mask is not None:  # scanned where at least half of a working voxel was
         moving_mask = sitk.Cast(sitk.GreaterEqual(moving_mask, 0.5), sitk.sitkUInt8)
+        cuts = _cut_sides(moving, moving_mask)
+        if not any(any(c) for c in cuts):  # the whole lung is in the scan: outside it there is no lung
+            moving_mask, cuts = None, None
 
     tx = sitk.AffineTransform(3)
     init = sitk.CenteredTransformInitializer(fixed, moving, tx, sitk.CenteredTransformInitializerFilter.MOMENTS)
     tx = sitk.AffineTransform(init)
+    if cuts is not None:
+        _align_uncut_ends(tx, fixed, moving, cuts)
 
     reg = sitk.ImageRegistrationMethod()
     reg.SetNumberOfThreads(available_cores())
     reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=bins)
     reg.SetMetricSamplingStrategy(reg.RANDOM)
+    if cuts is not None:
+        # A lung cut by the field of view: the scanned subject voxels are the samples (fixed =
+        # subject with its field of view as the metric mask, moving = atlas), so the compared set
+        # does not change with the transform. With the atlas as fixed image and the field of view
+        # as moving mask, the optimiser shrinks the atlas into the scan (more lung samples raise
+        # the MI), and the missing lung seems scanned.
+        atlas_wide = _bin_shrink(_crop_to_mask(binarize(atlas_mask), 4 * margin_mm), working_mm) if working_mm \
+            else _crop_to_mask(binarize(atlas_mask), 4 * margin_mm)
+        fixed, moving, tx = moving, atlas_wide, tx.GetInverse()
+        tx = sitk.AffineTransform(tx) if not isinstance(tx, sitk.AffineTransform) else tx
+        reg.SetMetricFixedMask(moving_mask)
     n_fixed = float(np.prod(fixed.GetSize()))
     # SimpleITK reads a seed of 0 as "seed from the wall clock" (sitkWallClock): shift by one so
     # every seed, 0 included, gives a repeatable registration
@@ -156,14 +230,14 @@ def register_masks(atlas_mask: sitk.Image, subject_mask: sitk.Image, *, sid: str
     reg.SetSmoothingSigmasPerLevel([float(s) for s in smoothing])
     reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
     reg.SetInitialTransform(tx, inPlace=True)
-    if moving_mask is not None:
-        reg.SetMetricMovingMask(moving_mask)
     counter = {"n": 0}
     reg.AddCommand(sitk.sitkIterationEvent, lambda: counter.__setitem__("n", counter["n"] + 1))
     try:
         reg.Execute(fixed, moving)
     except RuntimeError as exc:
         raise PreprocessError(f"SimpleITK registration failed: {exc}", stage="register", sid=sid) from exc
+    if cuts is not None:  # subject -> atlas points: back to atlas -> subject
+        tx = sitk.AffineTransform(tx.GetInverse())
     stop = reg.GetOptimizerStopConditionDescription()
     info = {
         "metric": float(reg.GetMetricValue()),

@@ -14,6 +14,10 @@ Patients with several scans (the manifest's optional ``group`` column, a patient
 carries its subject's *group* index (:func:`subject_groups`), which the model records with its keys
 and uses to keep two scans of one patient out of each other's negatives. Without the column every
 subject is its own group and the group index is the subject index.
+
+Patches mostly outside the scanned volume are never drawn: :func:`trainable_pairs` gives the
+sampler the (subject, location) pairs whose anchor and neighbours are valid. Length (~350 lines):
+the sampler and the dataset it drives are one contract.
 """
 
 from __future__ import annotations

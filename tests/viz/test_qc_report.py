@@ -86,6 +86,19 @@ def test_report_is_written_atomically(qc_store, tmp_path, monkeypatch):
         write_qc_report(qc_store, out, progress=False)
     assert page.read_text(encoding="utf-8") == before  # the old page stands
     assert not [p for p in out.rglob("*") if ".part" in p.name]  # no temporaries left
+    monkeypatch.setattr(qc_report, "qc_figure", real)
+    real_write = Path.write_text
+
+    def write_half(self, text, *args, **kwargs):  # the disk fills up in the middle of the page
+        real_write(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", write_half)
+    with pytest.raises(OSError, match="No space"):
+        write_qc_report(qc_store, out, progress=False)
+    monkeypatch.setattr(Path, "write_text", real_write)
+    assert page.read_text(encoding="utf-8") == before
+    assert not [p for p in out.rglob("*") if ".part" in p.name]
 
 
 def test_figure_marks_patches_outside_the_scan(qc_store):

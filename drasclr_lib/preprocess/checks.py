@@ -36,7 +36,7 @@ REASON_NAMES = {
     "thick_slices": "slice thickness / spacing in mm (> 3 mm: fine emphysema is blurred)",
     "slice_gap": "largest gap between neighbouring slices in mm, resampled on the true positions",
     "gantry_tilt": "gantry tilt in degrees, corrected by shifting each slice in-plane",
-    "hu_offset": "median HU of air (trachea / outside the body) minus -1000",
+    "hu_offset": "median HU of the air outside the body (else in the trachea) minus -1000 (the calibration error)",
     "expiratory?": "lung volume or density far from a full inspiration",
     "prone": "patient lies prone (DICOM PatientPosition, or the table seen in front of the body)",
     "decubitus": "patient lies on a side (DICOM PatientPosition)",
@@ -183,13 +183,21 @@ def _body(arr: np.ndarray, csp: np.ndarray) -> np.ndarray:
     return _body_mask(arr, csp)
 
 
+def _work(native: sitk.Image, work: tuple | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(arr, spacing, body) at ~2 mm, computed once per scan by :func:`input_reasons`."""
+    if work is not None:
+        return work
+    arr, csp = _work_array(native)
+    return arr, csp, _body(arr, csp)
+
+
 def _fill_2d(mask: np.ndarray) -> np.ndarray:
     from scipy import ndimage as ndi
 
     return np.stack([ndi.binary_fill_holes(m) if m.any() else m for m in mask])
 
 
-def air_hu(native: sitk.Image, body: np.ndarray | None = None) -> tuple[float, int]:
+def air_hu(native: sitk.Image, *, work: tuple | None = None) -> tuple[float, int]:
     """Median HU of the air outside the body (the calibration reference, -1000 HU when right).
 
     Air: voxels between -1400 and -500 HU, more than 6 mm from the body (partial volume, blankets)
@@ -202,9 +210,7 @@ def air_hu(native: sitk.Image, body: np.ndarray | None = None) -> tuple[float, i
     """
     from scipy import ndimage as ndi
 
-    arr, csp = _work_array(native)
-    if body is None:
-        body = _body(arr, csp)
+    arr, csp, body = _work(native, work)
     near = ndi.binary_dilation(body, structure=np.ones((1, 3, 3), bool), iterations=max(1, int(round(6 / csp[1]))))
     enclosed = _fill_2d(arr > _TISSUE_HU)
     air = (arr > -1400) & (arr < _TISSUE_HU) & ~near & ~enclosed
@@ -215,7 +221,62 @@ def air_hu(native: sitk.Image, body: np.ndarray | None = None) -> tuple[float, i
     return (float(np.median(arr[air])) if n >= 500 else float("nan")), n
 
 
-def table_side(native: sitk.Image, body: np.ndarray | None = None) -> tuple[str, float]:
+def _on_work_grid(native: sitk.Image, arr: np.ndarray, csp: np.ndarray, label: sitk.Image) -> np.ndarray:
+    """A label image (any grid) on the ~2 mm work grid of :func:`_work_array`: (K, J, I) bool."""
+    ref = sitk.Image([int(arr.shape[2]), int(arr.shape[1]), int(arr.shape[0])], sitk.sitkUInt8)
+    ref.SetSpacing((float(csp[2]), float(csp[1]), float(csp[0])))
+    ref.SetOrigin(native.GetOrigin())
+    ref.SetDirection(native.GetDirection())
+    lab = sitk.Cast(label > 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(sitk.Resample(lab, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0)) > 0
+
+
+def trachea_air_hu(native: sitk.Image, lung_1mm: sitk.Image, *, work: tuple | None = None) -> tuple[float, int]:
+    """Median HU of the tracheal lumen: the calibration reference when no air outside the body is
+    in the image (a reconstruction circle tight around the body).
+
+    Per axial slice in the upper half of the lungs and above: air (below -700 HU, so an offset of
+    up to +300 HU is still found) inside the body, at least 4 mm from the lungs, in a compact
+    component of 100-600 mm^2 (the trachea is 15-25 mm wide) near the left-right middle of the
+    body; its voxels more than one work voxel (~2 mm) from the wall are kept (no partial volume).
+
+    Returns:
+        (median HU, number of voxels); (NaN, n) when fewer than 30 voxels.
+    """
+    from scipy import ndimage as ndi
+
+    arr, csp, body = _work(native, work)
+    lung = _on_work_grid(native, arr, csp, lung_1mm)
+    ks = np.nonzero(lung.any(axis=(1, 2)))[0]
+    if ks.size == 0:
+        return float("nan"), 0
+    near_lung = ndi.binary_dilation(lung, structure=np.ones((1, 3, 3), bool), iterations=max(1, int(round(4 / csp[1]))))
+    cand = (arr < -700) & body & ~near_lung
+    area_px = float(csp[1] * csp[2])
+    values = []
+    k_from = int(np.median(ks))  # the upper half of the lungs (k grows superior) and above
+    for k in range(k_from, arr.shape[0]):
+        jj_b, ii_b = np.nonzero(body[k])
+        if jj_b.size == 0 or not cand[k].any():
+            continue
+        lo, hi = ii_b.min(), ii_b.max()
+        lab, n = ndi.label(cand[k])
+        for idx, sl in enumerate(ndi.find_objects(lab), start=1):
+            comp = lab[sl] == idx
+            area = comp.sum() * area_px
+            dj, di = sl[0].stop - sl[0].start, sl[1].stop - sl[1].start
+            centre_i = sl[1].start + di / 2
+            if not (100 <= area <= 600 and max(dj, di) <= 2 * min(dj, di) and comp.mean() > 0.5):
+                continue
+            if not lo + 0.35 * (hi - lo) <= centre_i <= lo + 0.65 * (hi - lo):
+                continue
+            core = ndi.binary_erosion(comp)
+            values.append(arr[k][sl][core])
+    vals = np.concatenate(values) if values else np.zeros(0, np.float32)
+    return (float(np.median(vals)) if vals.size >= 30 else float("nan")), int(vals.size)
+
+
+def table_side(native: sitk.Image, *, work: tuple | None = None) -> tuple[str, float]:
     """Where the scanner table lies, relative to the body, in patient coordinates.
 
     Per axial slice, the tissue components outside the body are searched for a table (wide and
@@ -228,9 +289,7 @@ def table_side(native: sitk.Image, body: np.ndarray | None = None) -> tuple[str,
     """
     from scipy import ndimage as ndi
 
-    arr, csp = _work_array(native)
-    if body is None:
-        body = _body(arr, csp)
+    arr, csp, body = _work(native, work)
     outside = (arr > _TISSUE_HU) & ~body
     votes = []
     for k in range(arr.shape[0]):
@@ -253,11 +312,9 @@ def table_side(native: sitk.Image, body: np.ndarray | None = None) -> tuple[str,
     return ("posterior" if np.sum(votes) >= 0 else "anterior"), frac
 
 
-def table_in_body(native: sitk.Image, body: np.ndarray | None = None) -> float:
+def table_in_body(native: sitk.Image, *, work: tuple | None = None) -> float:
     """Fraction of slices whose body mask ends in a flat plate (see :data:`TABLE_EDGE_WIDTH`)."""
-    arr, csp = _work_array(native)
-    if body is None:
-        body = _body(arr, csp)
+    arr, csp, body = _work(native, work)
     flat, n = 0, 0
     for k in range(arr.shape[0]):
         widths = body[k].sum(axis=1)
@@ -277,7 +334,7 @@ def input_reasons(native: sitk.Image, ct_1mm: sitk.Image, lung_1mm: sitk.Image,
     """Reasons found on the scan itself (no registration needed); all are warnings.
 
     ``thick_slices`` (:data:`THICK_SLICE_MM`), ``slice_gap`` and ``gantry_tilt`` (what the DICOM
-    reader resampled or corrected), ``hu_offset`` (:func:`air_hu`, :data:`HU_OFFSET_LIMIT`),
+    reader resampled or corrected), ``hu_offset`` (:func:`air_hu`, else :func:`trachea_air_hu`; :data:`HU_OFFSET_LIMIT`),
     ``expiratory?`` (:data:`EXPIRATORY_MEDIAN_HU`, on the median lung HU less the measured air
     offset), ``prone`` / ``decubitus`` (DICOM
     PatientPosition when present, else :func:`table_side`), ``table_in_body``
@@ -305,9 +362,10 @@ def input_reasons(native: sitk.Image, ct_1mm: sitk.Image, lung_1mm: sitk.Image,
         out.append(reason("slice_gap", meta["max_slice_gap_mm"]))
     if meta["gantry_tilt_deg"] > 0:
         out.append(reason("gantry_tilt", meta["gantry_tilt_deg"]))
-    arr, csp = _work_array(native)
-    body = _body(arr, csp)
-    air, _ = air_hu(native, body)
+    work = _work(native, None)
+    air, _ = air_hu(native, work=work)
+    if not np.isfinite(air):  # no air around the body in the image: the trachea's
+        air, _ = trachea_air_hu(native, lung_1mm, work=work)
     if np.isfinite(air) and abs(air + 1000.0) > HU_OFFSET_LIMIT:
         out.append(reason("hu_offset", air + 1000.0))
     lung = sitk.GetArrayViewFromImage(lung_1mm) > 0
@@ -323,8 +381,8 @@ def input_reasons(native: sitk.Image, ct_1mm: sitk.Image, lung_1mm: sitk.Image,
             out.append(reason("prone"))
         elif position in DECUBITUS_POSITIONS:
             out.append(reason("decubitus"))
-    elif table_side(native, body)[0] == "anterior":
+    elif table_side(native, work=work)[0] == "anterior":
         out.append(reason("prone"))
-    if table_in_body(native, body) >= 0.5:
+    if table_in_body(native, work=work) >= 0.5:
         out.append(reason("table_in_body"))
     return out

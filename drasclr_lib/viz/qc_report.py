@@ -141,6 +141,9 @@ def _image_path(store, sid: str, rec) -> str | None:
 def _planes(store, sid: str, rec) -> dict:
     """The CT (HU) and the 'inside the original scan' mask on three planes of the subject's grid.
 
+    The planes pass through the median centre of the patches inside the scan (all patches when
+    none is), the sagittal one through the first quartile of their left-right positions (a lung).
+
     Returns:
         dict ``centre`` (i, j, k) and, per plane ``axial`` / ``coronal`` / ``sagittal``, a pair
         ``(hu (rows, cols) float32, inside (rows, cols) bool)``; ``hu`` is None when the CT file
@@ -152,7 +155,13 @@ def _planes(store, sid: str, rec) -> dict:
     size = np.array(grid.GetSize())
     P = store.patch_size
     corners = store.corners(sid, atlas_fallback=True)
-    centre = np.clip(np.round(np.median(corners, axis=0) + P / 2).astype(int), 0, size - 1)
+    centres = corners + P / 2.0
+    seen = _fov_fractions(store, rec) >= _min_fov(store)
+    if seen.any():  # planes through the scanned patches
+        centres = centres[seen]
+    centre = np.median(centres, axis=0)
+    centre[0] = np.percentile(centres[:, 0], 25)  # sagittal through one lung, not the mediastinum
+    centre = np.clip(np.round(centre).astype(int), 0, size - 1)
     out: dict = {"centre": centre, "error": None}
     native = None
     image = _image_path(store, sid, rec)

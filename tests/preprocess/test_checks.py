@@ -109,6 +109,27 @@ def test_hu_offset_flagged_with_its_value(normal):
     assert [parse_reason(r)[0] for r in low] == ["hu_offset"] and reason_value(low[0]) < -55
 
 
+def test_hu_offset_from_the_trachea_when_no_air_surrounds_the_body(normal):
+    """A reconstruction circle tight around the body: everything outside it is the scanner's fill
+    value (-3024 HU), so the trachea is the air reference."""
+    from scipy import ndimage as ndi
+
+    native, scan = normal
+    _, _, body = checks._work(native, None)  # the body on the ~2 mm work grid (native[:, ::2, ::2] here)
+    assert native.GetSpacing()[:2] == pytest.approx((0.8, 0.8))
+    body = ndi.binary_dilation(body, structure=np.ones((1, 3, 3), bool), iterations=2)
+    full = sitk.GetArrayFromImage(shifted(native, 85))
+    keep = np.repeat(np.repeat(body, 2, axis=1), 2, axis=2)[:, :full.shape[1], :full.shape[2]]
+    full[~keep] = -3024.0
+    tight = sitk.GetImageFromArray(full)
+    tight.CopyInformation(native)
+    assert np.isnan(checks.air_hu(tight)[0])
+    air, n = checks.trachea_air_hu(tight, scan.lung_1mm)
+    assert n >= 30 and air + 1000 == pytest.approx(85 + 8.47, abs=10)
+    reasons = input_reasons(tight, shifted(scan.ct_1mm, 85), scan.lung_1mm)
+    assert [parse_reason(r)[0] for r in reasons] == ["hu_offset"] and reason_value(reasons[0]) > 75
+
+
 def test_expiratory_scan_flagged(normal):
     native, scan = normal
     lung = sitk.Cast(scan.lung_1mm > 0, sitk.sitkFloat32)

@@ -139,3 +139,19 @@ def test_help(capsys):
     assert cli.main(["qc", "--help"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("usage: drasclr qc") and "STORE" in text and "--out DIR" in text
+
+
+def test_planes_pass_through_the_scanned_patches(qc_store, tmp_path):
+    """Upper patches outside the scan: the figure's planes go through the patches that were seen."""
+    import shutil
+
+    copy = tmp_path / "store"
+    shutil.copytree(qc_store, copy)
+    path = copy / "subjects" / "toy000.json"
+    rec = json.loads(path.read_text(encoding="utf-8"))
+    k = np.asarray(rec["corners_subject"])[:, 2]
+    rec["patch_fov_fraction"] = np.where(k > k.min(), 0.0, 1.0).tolist()  # only the lowest layer was scanned
+    path.write_text(json.dumps(rec), encoding="utf-8")
+    store = PatchStore(copy)
+    centre = qc_report._planes(store, "toy000", store.record("toy000"))["centre"]
+    assert centre[2] == k.min() + store.patch_size // 2

@@ -10,9 +10,8 @@ the reasons (failing ones in red), the field-of-view coverage of the atlas lung,
 invalid patches, the registration Dice, lung volume and %LAA-950; subjects that failed
 preprocessing (``failures.csv``) are listed below with their stage and error.
 
-Worst first means: most failing reasons, then most warnings, then the lowest field-of-view
-coverage, then the lowest registration Dice (:func:`subject_rows`). Notebook 01 shows the worst
-few with :func:`worst_subjects` and :func:`qc_figure`.
+Worst first: most failing reasons, most warnings, lowest field-of-view coverage, lowest
+registration Dice (:func:`subject_rows`). Notebook 01 shows the worst few (:func:`worst_subjects`).
 
 Stores written before the field of view was recorded read ``patch_fov_fraction`` as 1.0 (every
 patch inside) and ``fov_lung_coverage`` as unknown; their reasons are then what the record holds
@@ -73,7 +72,7 @@ def _fov_fractions(store, rec) -> np.ndarray:
     return np.asarray(values, dtype=np.float32)
 
 
-def _min_fov(store) -> float:
+def _min_fov(store) -> float:  # the store's invalid-patch threshold (0.5 for stores before it existed)
     value = getattr(store, "min_patch_fov", None)
     return 0.5 if value is None else float(value)
 
@@ -112,9 +111,8 @@ def subject_rows(store) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=[c for c in _COLUMNS if c != "rank"])
     if df.empty:
         return pd.DataFrame(columns=_COLUMNS)
-    df["_pass"] = df["qc_pass"].astype(int)
-    df["_cov"] = df["fov_lung_coverage"].fillna(1.0)
-    df["_dice"] = df["reg_dice"].fillna(1.0)
+    df["_pass"], df["_cov"], df["_dice"] = df["qc_pass"].astype(int), df["fov_lung_coverage"].fillna(1.0), \
+        df["reg_dice"].fillna(1.0)
     df = df.sort_values(["_pass", "n_failing", "n_warnings", "_cov", "_dice", "sid"],
                         ascending=[True, False, False, True, True, True], kind="mergesort")
     df = df.drop(columns=["_pass", "_cov", "_dice"]).reset_index(drop=True)
@@ -186,10 +184,8 @@ def _planes(store, sid: str, rec) -> dict:
             continue
         hu = sitk.GetArrayFromImage(sitk.Resample(native, slab, sitk.Transform(), sitk.sitkLinear, -1024.0,
                                                   sitk.sitkFloat32))
-        ones = sitk.Image(native.GetSize(), sitk.sitkUInt8) + 1
-        ones.CopyInformation(native)
-        inside = sitk.GetArrayFromImage(sitk.Resample(ones, slab, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
-                                                      sitk.sitkUInt8)) > 0
+        inside = sitk.GetArrayFromImage(sitk.Resample(native * 0 + 1, slab, sitk.Transform(),
+                                                      sitk.sitkNearestNeighbor, 0.0)) > 0
         # (k, j, i) array of a slab -> 2D image, superior up for coronal / sagittal
         squeeze = {0: lambda a: a[:, :, 0][::-1], 1: lambda a: a[:, 0, :][::-1], 2: lambda a: a[0]}[axis]
         out[name] = (squeeze(hu), squeeze(inside))
@@ -236,22 +232,19 @@ def qc_figure(store, subject, *, title: str | None = None):
         if hu is None:
             ax.set_facecolor("0.15")
             ax.text(0.5, 0.5, "CT not readable", color="w", ha="center", va="center", transform=ax.transAxes)
-            ax.set_xlim(0, size[ca])
-            ax.set_ylim(size[ra], 0)
+            ax.set(xlim=(0, size[ca]), ylim=(size[ra], 0))
         else:
             ax.imshow(hu, cmap="gray", vmin=-1000, vmax=200, extent=extent, interpolation="nearest")
             shade = np.zeros(inside.shape + (4,), dtype=np.float32)
             shade[~inside] = (0.35, 0.0, 0.55, 0.45)
             ax.imshow(shade, extent=extent, interpolation="nearest")
         hit = (corners[:, axis] <= c[axis]) & (c[axis] < corners[:, axis] + P)
-        for idx in np.nonzero(hit)[0]:
-            x0 = corners[idx, ca]
-            y0 = corners[idx, ra]
+        for idx in np.nonzero(hit)[0]:  # the boxes cut by this plane
+            x0, y0 = corners[idx, ca], corners[idx, ra]
             y_top = size[ra] - (y0 + P) if flip else y0
             ax.add_patch(Rectangle((x0, y_top), P, P, fill=False, lw=0.9, edgecolor=cmap(float(fov[idx]))))
         ax.set_title(f"{name} ({'ijk'[axis]} = {c[axis]})", fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set(xticks=[], yticks=[])
     sm = plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1))
     fig.colorbar(sm, ax=axes, fraction=0.02, pad=0.02, label="patch inside the scan (fraction)")
     verdict = "pass" if (rec.qc_pass if rec.qc_pass is not None else True) else "FAIL"

@@ -385,10 +385,15 @@ def _read_dicom_folder(folder: Path, sid) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(names)
     reader.SetOutputPixelType(sitk.sitkFloat32)  # rescale slope/intercept are applied by GDCM
+    warn = sitk.ProcessObject.GetGlobalWarningDisplay()
+    if geo is not None and len(names) > 2 and np.ptp(np.diff(geo["s"])) > 1e-3:
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's "non uniform sampling" warning: handled below
     try:
         img = reader.Execute()
     except RuntimeError as exc:
         raise PreprocessError(f"cannot read the DICOM series {series[0]}: {exc}", stage="read", sid=sid, path=folder) from exc
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warn)
     if geo is None:
         return img
     head = geo["headers"][0]

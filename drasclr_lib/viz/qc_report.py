@@ -13,6 +13,9 @@ preprocessing (``failures.csv``) are listed below with their stage and error.
 Worst first: most failing reasons, most warnings, lowest field-of-view coverage, lowest
 registration Dice (:func:`subject_rows`). Notebook 01 shows the worst few (:func:`worst_subjects`).
 
+Length (~370 lines): one idea, the report; the table, the figure and the page are each read only
+through :func:`write_qc_report` and change together.
+
 Stores written before the field of view was recorded read ``patch_fov_fraction`` as 1.0 (every
 patch inside) and ``fov_lung_coverage`` as unknown; their reasons are then what the record holds
 (``low_registration_dice`` is derived from ``qc_pass`` when the record has no reasons).
@@ -256,6 +259,17 @@ def qc_figure(store, subject, *, title: str | None = None):
     return fig
 
 
+def _message_figure(text: str):
+    """A small figure holding only ``text`` (a subject whose figure could not be drawn)."""
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(8, 1.2))
+    fig.text(0.01, 0.5, textwrap.fill(text, 110), va="center", fontsize=9)
+    return fig
+
+
 def _fmt(value, spec: str) -> str:
     return "—" if value is None or (isinstance(value, float) and not np.isfinite(value)) else format(value, spec)
 
@@ -305,7 +319,10 @@ def write_qc_report(store, out_dir: str | os.PathLike | None = None, *, progress
     body = []
     for row in tqdm(rows.itertuples(index=False), total=len(rows), desc="QC report", disable=not progress):
         png = Path("subjects") / f"{safe_sid(row.sid)}.png"
-        fig = qc_figure(store, row.sid)
+        try:
+            fig = qc_figure(store, row.sid)
+        except Exception as exc:  # noqa: BLE001 - one subject's figure never stops the report
+            fig = _message_figure(f"{row.sid}: no QC figure ({type(exc).__name__}: {exc})")
         with atomic_path(out / png) as tmp:
             fig.savefig(tmp, dpi=80, format="png")
         plt.close(fig)

@@ -72,21 +72,24 @@ def test_report_is_written_atomically(qc_store, tmp_path, monkeypatch):
     out = tmp_path / "qc"
     page = write_qc_report(qc_store, out, progress=False)
     before = page.read_text(encoding="utf-8")
+    from matplotlib.figure import Figure
+
     calls = []
+    real_save = Figure.savefig
 
-    def failing(store, sid, **kw):
-        calls.append(sid)
+    def failing(self, fname, *args, **kw):  # the disk fills up at the third subject's PNG
+        calls.append(fname)
         if len(calls) == 3:
-            raise RuntimeError("disk full")
-        return real(store, sid, **kw)
+            real_save(self, fname, *args, **kw)
+            raise OSError("disk full")
+        return real_save(self, fname, *args, **kw)
 
-    real = qc_report.qc_figure
-    monkeypatch.setattr(qc_report, "qc_figure", failing)
-    with pytest.raises(RuntimeError, match="disk full"):
+    monkeypatch.setattr(Figure, "savefig", failing)
+    with pytest.raises(OSError, match="disk full"):
         write_qc_report(qc_store, out, progress=False)
+    monkeypatch.setattr(Figure, "savefig", real_save)
     assert page.read_text(encoding="utf-8") == before  # the old page stands
     assert not [p for p in out.rglob("*") if ".part" in p.name]  # no temporaries left
-    monkeypatch.setattr(qc_report, "qc_figure", real)
     real_write = Path.write_text
 
     def write_half(self, text, *args, **kwargs):  # the disk fills up in the middle of the page
@@ -123,6 +126,14 @@ def test_subject_whose_ct_is_gone_is_still_reported(qc_store, tmp_path):
     rec_path.write_text(json.dumps(rec), encoding="utf-8")
     text = write_qc_report(copy, tmp_path / "qc", progress=False).read_text(encoding="utf-8")
     assert "<b>toy002</b>" in text and (tmp_path / "qc" / "subjects" / "toy002.png").exists()
+
+
+def test_store_without_geometry_still_reported(tmp_path):
+    """Records without a grid (stores not written by preprocessing): listed, a PNG saying why."""
+    root = make_toy_store(tmp_path / "plain", n_subjects=3, grid=(2, 2, 1))
+    text = write_qc_report(root, tmp_path / "qc", progress=False).read_text(encoding="utf-8")
+    assert sorted(re.findall(r"<b>(toy\d+)</b>", text)) == ["toy000", "toy001", "toy002"]
+    assert all((tmp_path / "qc" / "subjects" / f"toy00{i}.png").exists() for i in range(3))
 
 
 def test_command(qc_store, tmp_path, capsys):

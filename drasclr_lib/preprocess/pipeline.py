@@ -318,8 +318,11 @@ def process_scan(image: ImageLike, atlas, *, lung_mask: ImageLike | None = None,
     with stage("register"):
         kwargs = {"subject_inside": scan.inside_1mm, **(registration_kwargs or {})}
         transform, info = register_masks(atlas.mask, scan.lung_1mm, sid=stage.sid, **kwargs)
-        reg_dice = float(registration_dice(atlas.mask, scan.lung_1mm, transform, subject_inside=scan.inside_1mm))
         coverage = float(fov_lung_coverage(atlas.mask, scan.inside_1mm, transform))
+        # the whole atlas lung lands in the scan (and the subject's lung is in it): the Dice within
+        # the field of view is the plain Dice, without mapping the field of view again
+        reg_dice = float(registration_dice(atlas.mask, scan.lung_1mm, transform,
+                                           subject_inside=None if coverage >= 1.0 else scan.inside_1mm))
     with stage("patches"):
         cut = extract_patches(scan.ct_1mm, atlas, transform, label_1mm=scan.given_1mm.get("label_map"),
                               lobe_1mm=scan.given_1mm.get("lobe_map"), lung_1mm=scan.lung_1mm,

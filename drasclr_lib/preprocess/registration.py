@@ -272,11 +272,24 @@ def mask_dice(a: np.ndarray | sitk.Image, b: np.ndarray | sitk.Image) -> float:
     return 1.0 if denom == 0 else 2.0 * int(np.count_nonzero(av & bv)) / denom
 
 
-def _fov_in_atlas(atlas_mask: sitk.Image, subject_inside: sitk.Image, transform: sitk.Transform) -> np.ndarray:
-    """(k, j, i) bool on the atlas grid: atlas voxels whose subject point lies inside the scan."""
-    warped = sitk.Resample(sitk.NotEqual(subject_inside, 0), atlas_mask, transform, sitk.sitkNearestNeighbor, 0,
-                           sitk.sitkUInt8)
-    return sitk.GetArrayFromImage(warped) > 0
+def _fov_in_atlas(atlas_mask: sitk.Image, subject_inside: sitk.Image, transform: sitk.Transform,
+                  where: np.ndarray) -> np.ndarray:
+    """(k, j, i) bool on the atlas grid: the voxels of ``where`` whose subject point (nearest
+    subject voxel, through ``transform``) lies inside the scan; False elsewhere.
+
+    Only the bounding box of ``where`` is resampled (the whole padded atlas grid took seconds).
+    """
+    out = np.zeros(where.shape, dtype=bool)
+    if not where.any():
+        return out
+    nz = np.nonzero(where)
+    lo = [int(v.min()) for v in nz]  # (k, j, i)
+    hi = [int(v.max()) + 1 for v in nz]
+    ref = sitk.RegionOfInterest(atlas_mask, [hi[2] - lo[2], hi[1] - lo[1], hi[0] - lo[0]], [lo[2], lo[1], lo[0]])
+    warped = sitk.Resample(sitk.NotEqual(subject_inside, 0), ref, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    out[box] = (sitk.GetArrayViewFromImage(warped) != 0) & where[box]
+    return out
 
 
 def registration_dice(atlas_mask: sitk.Image, subject_mask: sitk.Image, transform: sitk.Transform, *,
@@ -301,8 +314,9 @@ def registration_dice(atlas_mask: sitk.Image, subject_mask: sitk.Image, transfor
     warped = sitk.Resample(sitk.NotEqual(subject_mask, 0), a, transform, sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     if subject_inside is None:
         return mask_dice(a, warped)
-    seen = _fov_in_atlas(a, subject_inside, transform)
-    return mask_dice(sitk.GetArrayViewFromImage(a) * seen, sitk.GetArrayViewFromImage(warped) * seen)
+    av, wv = sitk.GetArrayViewFromImage(a) != 0, sitk.GetArrayViewFromImage(warped) != 0
+    seen = _fov_in_atlas(a, subject_inside, transform, av | wv)
+    return mask_dice(av & seen, wv & seen)
 
 
 def fov_lung_coverage(atlas_mask: sitk.Image, subject_inside: sitk.Image, transform: sitk.Transform) -> float:
@@ -325,7 +339,7 @@ def fov_lung_coverage(atlas_mask: sitk.Image, subject_inside: sitk.Image, transf
     n = int(np.count_nonzero(a))
     if n == 0:
         return 1.0
-    return float(np.count_nonzero(a & _fov_in_atlas(atlas_mask, subject_inside, transform))) / n
+    return float(np.count_nonzero(_fov_in_atlas(atlas_mask, subject_inside, transform, a))) / n
 
 
 def _unwrap(tx: sitk.Transform) -> sitk.Transform:

@@ -19,6 +19,7 @@ COMMANDS = {
     "fetch-real": ("drasclr_lib.data.real", "cli_main", "obtain the offline Lung-PET-CT-Dx scan and its manifest"),
     "validate": ("drasclr_lib.data.validate_cli", "cli_main", "check a manifest and list every problem in it"),
     "preprocess": ("drasclr_lib.preprocess.cohort", "cli_main", "CT files -> registered atlas patches (patch store)"),
+    "qc": ("drasclr_lib.viz.qc_cli", "cli_main", "a patch store's QC report: every subject worst first, HTML + PNGs"),
     "pretrain": ("drasclr_lib.training.cli", "cli_main", "DrasCLR pretraining on CPU, one GPU or many (torchrun)"),
     "embed": ("drasclr_lib.embed_cli", "cli_main", "embed every patch of a patch store with a checkpoint"),
     "downstream": ("drasclr_lib.downstream.cli", "cli_main",

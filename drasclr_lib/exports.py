@@ -7,12 +7,15 @@ it to R (``arrow::read_parquet``, ``readr::read_csv``), pandas, Stata or a sprea
 * **subject level** (:func:`subject_table`): one row per subject, ``sid``, the subject's label
   columns from the store's ``subjects.csv`` (see :func:`label_columns`), then the pooled embedding
   (:func:`~drasclr_lib.embed.pool_subjects`): ``h_0 .. h_{D-1}`` for ``pool="mean"``,
-  ``h_mean_0 .. h_mean_{D-1}, h_max_0 .. h_max_{D-1}`` for ``pool="meanmax"``.
+  ``h_mean_0 .. h_mean_{D-1}, h_max_0 .. h_max_{D-1}`` for ``pool="meanmax"``, pooled over the
+  subject's valid patches (invalid ones, mostly outside the scan, are NaN in ``h`` and skipped).
 * **patch level** (:func:`patch_table_long`): one row per (subject, location), subject-major:
   ``sid``, ``location`` (index 0 .. L-1 into the atlas locations), ``corner_i, corner_j, corner_k``
   (the location's atlas voxel corner), ``lobe`` (majority lobe 1-5, 0 unknown), ``lung_fraction``,
-  ``laa950`` (%), ``emph_fraction`` (NaN unknown; all from
-  :func:`~drasclr_lib.data.patch_store.patch_table`), then ``h_0 .. h_{D-1}``. Join it to the
+  ``laa950`` (%, NaN at invalid patches), ``emph_fraction`` (NaN unknown), ``fov_fraction`` (share
+  of the patch inside the scanned volume; all from
+  :func:`~drasclr_lib.data.patch_store.patch_table`), then ``h_0 .. h_{D-1}`` (NaN at invalid
+  patches). Join it to the
   subject table on ``sid`` for the labels.
 
 :func:`export_embeddings` writes either one atomically, as CSV (``.csv``, ``.csv.gz``) or Parquet
@@ -41,14 +44,15 @@ __all__ = ["QC_COLUMNS", "FORMATS", "export_format", "label_columns", "subject_t
 
 #: Columns of ``subjects.csv`` that preprocessing wrote about the scan (quality control), not the
 #: manifest: kept out of the label columns unless ``qc=True``.
-QC_COLUMNS = ("lung_volume_l", "laa950", "reg_dice", "mask_dice", "mask_source", "qc_pass", "mean_patch_inside")
+QC_COLUMNS = ("lung_volume_l", "laa950", "reg_dice", "mask_dice", "mask_source", "qc_pass", "qc_reasons",
+              "fov_lung_coverage", "mean_patch_inside")
 #: Columns never exported as labels: the id (exported first anyway), the store's bookkeeping and
 #: file paths (machine-specific, and a path can carry a patient's name).
 _NEVER = ("sid", "num_locations", *PATH_COLUMNS)
 _STAGE_TIME = re.compile(r"^time_.+_s$")  # per-stage seconds (time_register_s); not `time` (survival)
 FORMATS = ("csv", "parquet", "npz")
 _SUFFIXES = {".csv": "csv", ".csv.gz": "csv", ".parquet": "parquet", ".pq": "parquet", ".npz": "npz"}
-_PATCH_FACTS = ("lobe", "lung_fraction", "laa950", "emph_fraction")
+_PATCH_FACTS = ("lobe", "lung_fraction", "laa950", "emph_fraction", "fov_fraction")
 
 
 def label_columns(table: pd.DataFrame, *, qc: bool = False) -> list[str]:
@@ -186,8 +190,9 @@ def patch_table_long(emb, store=None, *, subjects: Sequence[int] | None = None) 
     Returns:
         DataFrame with ``len(subjects) * L`` rows: ``sid`` (str), ``location`` (int64, 0 .. L-1),
         ``corner_i, corner_j, corner_k`` (int64 atlas voxel corner), ``lobe`` (int64, 1-5, 0
-        unknown), ``lung_fraction``, ``laa950`` (%), ``emph_fraction`` (float64, NaN unknown),
-        ``h_0 .. h_{D-1}`` (float32).
+        unknown), ``lung_fraction``, ``laa950`` (%, NaN at invalid patches), ``emph_fraction``,
+        ``fov_fraction`` (float64, NaN unknown), ``h_0 .. h_{D-1}`` (float32, NaN at invalid
+        patches).
 
     Raises:
         ValueError: for a store of other locations.
@@ -206,7 +211,7 @@ def patch_table_long(emb, store=None, *, subjects: Sequence[int] | None = None) 
 
         positions = _check_pair(emb, store)
         table = patch_table(store, subjects=[positions[r] for r in rows])
-        facts = {k: np.asarray(table[k]) for k in _PATCH_FACTS}
+        facts = {k: np.asarray(table[k], dtype=np.int64 if k == "lobe" else np.float64) for k in _PATCH_FACTS}
     corners = emb.atlas_corners
     out = pd.DataFrame({
         "sid": pd.Series(np.repeat(np.asarray(emb.sids, dtype=object)[rows], L), dtype=object),

@@ -286,3 +286,39 @@ def test_cli_embed_writes_csv_and_parquet_tables(store, encoder, emb, tmp_path, 
     # a contradictory request fails before anything is embedded
     assert cli_main([*base, "--format", "npz", "--level", "subject", "--out", str(tmp_path / "x.npz")]) == 2
     assert "every patch" in capsys.readouterr().err and not (tmp_path / "x.npz").exists()
+
+
+# -- invalid patches (mostly outside the scanned volume) ----------------------------------------
+def test_invalid_patches_embed_as_nan_and_pooling_skips_them(encoder, emb, tmp_path):
+    from drasclr_lib.exports import subject_table
+    from drasclr_lib.utils import load_json, save_json
+
+    root = make_toy_store(tmp_path / "partial", n_subjects=5, grid=(2, 2, 2))
+    store = PatchStore(root)
+    frac = {store.sids[1]: [1, 0.1, 1, 1, 0.49, 1, 1, 0.5], store.sids[3]: [0.0] * 8}  # subject 3: nothing scanned
+    for sid, f in frac.items():
+        path = root / "subjects" / f"{sid}.json"
+        save_json({**load_json(path), "patch_fov_fraction": f}, path)
+    store = PatchStore(root)
+    valid = store.valid_mask()
+    out = embed_cohort(encoder, store, progress=False, device="cpu")
+    assert out.meta["invalid_patches"] == int((~valid).sum()) == 10
+    assert np.isnan(out.h[~valid]).all() and np.isfinite(out.h[valid]).all()
+    np.testing.assert_array_equal(out.h[valid], emb.h[valid])  # valid patches embed as before
+    # pooling: the mean / max over the valid patches only; a subject without any is a NaN row
+    pooled = pool_subjects(out.h, "meanmax")
+    D = out.dim
+    np.testing.assert_allclose(pooled[1, :D], emb.h[1][valid[1]].mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pooled[1, D:], emb.h[1][valid[1]].max(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pooled[0], pool_subjects(emb.h, "meanmax")[0], rtol=1e-6)
+    assert np.isnan(pooled[3]).all() and np.isfinite(np.delete(pooled, 3, axis=0)).all()
+    table = subject_table(out, store)  # the export pools the same way
+    np.testing.assert_allclose(table.loc[1, [f"h_{i}" for i in range(D)]].to_numpy(float), pooled[1, :D], rtol=1e-6)
+    # embed_subject: the same rule for one scan
+    h1 = embed_subject(encoder, store.patches(1), store.locs, device="cpu", valid=valid[1])
+    assert np.isnan(h1[~valid[1]]).all()
+    np.testing.assert_allclose(h1[valid[1]], emb.h[1][valid[1]], rtol=1e-4, atol=1e-5)
+    grouped = embed_subject(encoder, store.patches(1), store.locs, device="cpu", valid=valid[1], group_by_location=True)
+    np.testing.assert_allclose(grouped, h1, rtol=1e-4, atol=1e-5)
+    none = embed_subject(encoder, store.patches(3), store.locs, device="cpu", valid=valid[3])
+    assert none.shape == (8, D) and np.isnan(none).all()

@@ -197,3 +197,26 @@ def test_cli_help_shows_every_default_and_an_example():
     assert "(default: None)" not in text and "examples:" in text and "--format parquet --level patch" in text
     parser = build_parser()
     assert all(a.help for a in parser._actions), [a.dest for a in parser._actions if not a.help]
+
+
+def test_field_of_view_columns_are_qc_and_invalid_patches_nan(tmp_path):
+    """qc_reasons and fov_lung_coverage are QC columns, not labels; the patch table carries each
+    patch's fov_fraction, and invalid patches' %LAA-950 and embedding are NaN."""
+    write_store_meta(tmp_path, np.zeros((L, 3), int), np.zeros((L, 3)), np.zeros((L, 1), int), patch_size=P)
+    fov = [1.0, 0.2, 1.0, 0.7, 1.0, 0.0]
+    for s, (reasons, frac) in enumerate([(["partial_fov:0.70"], fov), ([], [1.0] * L)]):
+        write_subject(tmp_path, f"q{s}", np.full((L, P, P, P), -800, np.int16), record={
+            "reg_dice": 0.9, "qc_pass": not reasons, "qc_reasons": reasons, "fov_lung_coverage": 0.7 if reasons else 1.0,
+            "patch_fov_fraction": frac, "patch_laa950": [5.0] * L})
+    finalize_store(tmp_path, pd.DataFrame({"sid": ["q0", "q1"], "FEV1pp": [50.0, 80.0]}))
+    store = PatchStore(tmp_path)
+    assert label_columns(store.table) == ["FEV1pp"]
+    assert {"qc_reasons", "fov_lung_coverage", "qc_pass"} <= set(label_columns(store.table, qc=True))
+    h = np.ones((2, L, D), np.float32)
+    h[~store.valid_mask()] = np.nan
+    emb = EmbeddingSet(h=h, sids=["q0", "q1"], locs=store.locs, atlas_corners=store.atlas_corners)
+    df = patch_table_long(emb, store)
+    np.testing.assert_allclose(df["fov_fraction"].to_numpy()[:L], fov)
+    assert df["laa950"].isna().tolist()[:L] == [False, True, False, False, False, True]
+    sub = subject_table(emb, store, qc=True)
+    assert sub.loc[0, "qc_reasons"] == "partial_fov:0.70" and (sub[[f"h_{i}" for i in range(D)]] == 1).all().all()

@@ -11,6 +11,11 @@ Classifier: multinomial logistic regression on standardised patch features (embe
 per-patch %LAA-950 and lung fraction for the clinical baseline), trained on the patches of the
 training subjects (at most ``max_train`` patches, drawn at random) and scored on every patch of
 the test subjects: the folds are the subject folds, so no subject is on both sides.
+
+Invalid patches (mostly outside the scanned volume,
+:meth:`~drasclr_lib.data.patch_store.PatchStore.valid_patches`) have no target (-1), NaN QCT
+features and NaN embeddings; the classifier neither trains on nor scores them (their
+probabilities are NaN).
 """
 
 from __future__ import annotations
@@ -97,7 +102,7 @@ def subtype_targets(store, subjects=None, *, threshold: float = 0.05) -> np.ndar
         threshold: see :func:`dominant_subtype`.
 
     Returns:
-        (N, L) int64, -1 for subjects without label patches.
+        (N, L) int64, -1 for subjects without label patches and for invalid patches.
     """
     subjects = store.sids if subjects is None else list(subjects)
     out = np.full((len(subjects), store.num_locations), -1, dtype=np.int64)
@@ -105,6 +110,7 @@ def subtype_targets(store, subjects=None, *, threshold: float = 0.05) -> np.ndar
         lab = store.label_patches(s)
         if lab is not None:
             out[n] = dominant_subtype(np.asarray(lab), patch_lung_voxels(store, s), threshold=threshold)
+            out[n][~store.valid_patches(s)] = -1
     return out
 
 
@@ -113,7 +119,10 @@ def patch_qct_features(store, subjects=None) -> np.ndarray:
 
     %LAA-950 is the record's ``patch_laa950`` when present, else 100 x the share of the patch's
     lung-proxy voxels (< -500 HU) below -950 HU; the lung fraction is ``patch_lung_fraction`` or
-    the share of lung-proxy voxels.
+    the share of lung-proxy voxels. Records that know the field of view (``patch_fov_fraction``)
+    count scanned lung only: their per-patch values are used as they are, a patch without
+    scanned lung being 0 % in 0 lung (the HU proxy would count padding, -1024 HU, as emphysema).
+    Invalid patches (mostly padding) are NaN.
     """
     subjects = store.sids if subjects is None else list(subjects)
     L, P = store.num_locations, store.patch_size
@@ -122,6 +131,9 @@ def patch_qct_features(store, subjects=None) -> np.ndarray:
         rec = store.record(s)
         laa = _known(rec.patch_laa950)
         frac = _known(rec.patch_lung_fraction)
+        if rec.patch_fov_fraction is not None and rec.patch_laa950 is not None and rec.patch_lung_fraction is not None:
+            laa = np.nan_to_num(rec.patch_laa950, nan=0.0)
+            frac = np.nan_to_num(rec.patch_lung_fraction, nan=0.0)
         if laa is None or frac is None:
             hu = np.asarray(store.patches(s)).reshape(L, -1)
             lung = hu < LUNG_HU
@@ -131,6 +143,7 @@ def patch_qct_features(store, subjects=None) -> np.ndarray:
             if frac is None:
                 frac = lung.mean(1)
         out[n, :, 0], out[n, :, 1] = laa, frac
+        out[n, ~store.valid_patches(s)] = np.nan
     return out
 
 
@@ -140,7 +153,8 @@ def cv_patch_classifier(H: np.ndarray, y: np.ndarray, fold: np.ndarray, *, C: fl
 
     Args:
         H: (N, L, D) patch features.
-        y: (N, L) dominant subtype in 0..3, -1 = no label (left out).
+        y: (N, L) dominant subtype in 0..3, -1 = no label (left out). Patches whose features are
+            not finite (invalid patches: NaN) are left out as well.
         fold: (N,) subject folds (shared with the subject-level tasks).
         C: inverse L2 penalty of the multinomial logistic regression.
         max_train: cap on training patches per fold (random subset, for speed).
@@ -150,7 +164,8 @@ def cv_patch_classifier(H: np.ndarray, y: np.ndarray, fold: np.ndarray, *, C: fl
         ``(scores, proba)``: one row per fold with ``fold, accuracy, auc_macro, auc_<subtype>...,
         n_test``; AUCs are NaN for a class without positives or negatives in the test fold.
         proba (N, L, 4) out-of-fold class probabilities of every patch (unlabelled ones
-        too, so a whole map can be drawn); NaN only for subjects in no scored fold.
+        too, so a whole map can be drawn); NaN for subjects in no scored fold and for patches
+        with non-finite features.
 
     Raises:
         ValueError: for inconsistent shapes.
@@ -171,25 +186,28 @@ def cv_patch_classifier(H: np.ndarray, y: np.ndarray, fold: np.ndarray, *, C: fl
     rng = np.random.default_rng(seed)
     cols = ["fold", "accuracy", "auc_macro", *[f"auc_{n}" for n in SUBTYPE_NAMES], "n_test"]
     rows = []
+    finite = np.isfinite(H).all(axis=2)  # (N, L): invalid patches are NaN rows
     for f, train, test in iter_folds(fold):
         Xtr, ytr = H[train].reshape(-1, D), y[train].reshape(-1)
-        keep = ytr >= 0
+        keep = (ytr >= 0) & finite[train].reshape(-1)
         Xtr, ytr = Xtr[keep], ytr[keep]
         Xte, yte = H[test].reshape(-1, D), y[test].reshape(-1)
-        lab = yte >= 0
+        ok = finite[test].reshape(-1)
+        lab = (yte >= 0) & ok
         if len(ytr) == 0 or not lab.any():
             continue
         if len(ytr) > max_train:
             pick = rng.choice(len(ytr), size=max_train, replace=False)
             Xtr, ytr = Xtr[pick], ytr[pick]
-        p = np.zeros((len(Xte), K), dtype=np.float32)
+        p = np.full((len(Xte), K), np.nan, dtype=np.float32)
+        p[ok] = 0.0
         seen = np.unique(ytr)
         if len(seen) == 1:
-            p[:, seen[0]] = 1.0
+            p[ok, seen[0]] = 1.0
         else:
             model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=500))
             model.fit(Xtr, ytr)
-            p[:, model.classes_] = model.predict_proba(Xte)
+            p[np.ix_(ok, model.classes_)] = model.predict_proba(Xte[ok])
         proba[test] = p.reshape(len(test), L, K)
         p, yte = p[lab], yte[lab]
         row = {"fold": f, "accuracy": float(np.mean(p.argmax(1) == yte)), "n_test": int(lab.sum())}

@@ -48,10 +48,11 @@ import SimpleITK as sitk
 from drasclr_lib.data.patch_store import (PatchStore, SubjectRecord, clear_failure, ensure_store_meta, finalize_store,
                                           record_failure, remove_stale_temps, subject_done, write_failures_table,
                                           write_subject)
+from drasclr_lib.data.patch_store.records import MIN_PATCH_FOV
 from drasclr_lib.preprocess.atlas import Atlas
 from drasclr_lib.preprocess.atlas_source import resolve_atlas
 from drasclr_lib.preprocess.errors import PreprocessError
-from drasclr_lib.preprocess.pipeline import DEFAULT_QC_DICE, manifest_files, process_scan
+from drasclr_lib.preprocess.pipeline import DEFAULT_MIN_COVERAGE, DEFAULT_QC_DICE, manifest_files, process_scan
 from drasclr_lib.preprocess.resample import PAD_VOXELS
 
 __all__ = [
@@ -60,6 +61,7 @@ __all__ = [
     "parse_shard",
     "shard_sids",
     "load_manifest",
+    "qc_summary",
     "cli_main",
 ]
 
@@ -119,7 +121,8 @@ def load_manifest(manifest) -> pd.DataFrame:
 # --------------------------------------------------------------------------------------------
 def preprocess_subject(row, atlas: Atlas, out_dir: str | os.PathLike, *, sid: str | None = None,
                        qc_dice: float = DEFAULT_QC_DICE, segment: bool = False,
-                       registration_kwargs: dict | None = None, pad: int = PAD_VOXELS) -> SubjectRecord:
+                       registration_kwargs: dict | None = None, pad: int = PAD_VOXELS,
+                       min_coverage: float = DEFAULT_MIN_COVERAGE) -> SubjectRecord:
     """Preprocess one subject (:func:`~drasclr_lib.preprocess.pipeline.process_scan`) and write it
     to the patch store ``out_dir``.
 
@@ -129,17 +132,20 @@ def preprocess_subject(row, atlas: Atlas, out_dir: str | os.PathLike, *, sid: st
         atlas: the :class:`Atlas` subjects are registered to.
         out_dir: patch store folder.
         sid: subject id (default ``row["sid"]``).
-        qc_dice: registration Dice under which ``qc_pass`` is False.
+        qc_dice: registration Dice under which the subject fails QC (``low_registration_dice``).
         segment: segment the lungs even when the manifest gives a mask; ``mask_dice`` then
             compares the two (how good the segmentation is, e.g. on the synthetic cohort).
         registration_kwargs: extra keyword arguments of ``register_masks``.
         pad: voxels of -1024 HU padding around the 1 mm volume (60 in the paper).
+        min_coverage: share of the atlas lung the scan must cover, else it fails QC
+            (``partial_fov``; :data:`~drasclr_lib.preprocess.pipeline.DEFAULT_MIN_COVERAGE`).
 
     Returns:
         The :class:`~drasclr_lib.data.patch_store.SubjectRecord` written to
         ``subjects/<sid>.json`` (``sid``, ``lung_volume_l``, ``laa950``, ``reg_dice``,
-        ``mask_dice`` (NaN without a given mask or when the given mask was used), ``qc_pass``,
-        ``corners_subject``, ``patch_*``, ``grid_1mm``, ``transform``, the stage times), its
+        ``mask_dice`` (NaN without a given mask or when the given mask was used), ``qc_reasons``,
+        ``qc_pass``, ``fov_lung_coverage``, ``corners_subject``, ``patch_*`` (with
+        ``patch_fov_fraction``), ``grid_1mm``, ``transform``, the stage times), its
         ``times`` completed with ``write`` (known only once written).
 
     Raises:
@@ -155,7 +161,7 @@ def preprocess_subject(row, atlas: Atlas, out_dir: str | os.PathLike, *, sid: st
                             lobe_map=files["lobe_map"], sid=sid, segment=segment, pad=pad,
                             registration_kwargs=registration_kwargs)
         stage, t0 = "write", time.perf_counter()
-        record = scan.record(qc_dice=qc_dice)
+        record = scan.record(qc_dice=qc_dice, min_coverage=min_coverage)
         write_subject(out_dir, sid, scan.patches_hu, label_patches=scan.label_patches, record=record)
     except PreprocessError as err:
         if err.sid is None:
@@ -197,12 +203,12 @@ def _init_worker(atlas: Atlas, threads: int, counter) -> None:
 
 
 def _run_one(row: dict, out_dir: str, qc_dice: float, segment: bool, registration_kwargs: dict | None,
-             pad: int, atlas: Atlas | None = None) -> tuple:
+             pad: int, atlas: Atlas | None = None, min_coverage: float = DEFAULT_MIN_COVERAGE) -> tuple:
     """Worker body: ``("ok", sid, flat record)`` or ``("fail", sid, stage, message)`` (never raises)."""
     sid = str(row["sid"])
     try:
         rec = preprocess_subject(row, atlas or _WORKER["atlas"], out_dir, sid=sid, qc_dice=qc_dice, segment=segment,
-                                 registration_kwargs=registration_kwargs, pad=pad)
+                                 registration_kwargs=registration_kwargs, pad=pad, min_coverage=min_coverage)
         return ("ok", sid, rec.flat())
     except PreprocessError as err:
         return ("fail", sid, err.stage, str(err))
@@ -214,7 +220,8 @@ def _run_one(row: dict, out_dir: str, qc_dice: float, segment: bool, registratio
 
 def preprocess_cohort(manifest, out_dir: str | os.PathLike, *, atlas=None, workers: int = 1, shard: str | None = None,
                       qc_dice: float = DEFAULT_QC_DICE, segment: bool = False, registration_kwargs: dict | None = None,
-                      pad: int = PAD_VOXELS, progress: bool = True) -> PatchStore:
+                      pad: int = PAD_VOXELS, progress: bool = True, min_coverage: float = DEFAULT_MIN_COVERAGE,
+                      min_patch_fov: float = MIN_PATCH_FOV) -> PatchStore:
     """Preprocess every subject of a manifest into a patch store (resumable, parallel, sharded).
 
     Args:
@@ -225,12 +232,16 @@ def preprocess_cohort(manifest, out_dir: str | os.PathLike, *, atlas=None, worke
             an :class:`Atlas`, ``(mask_path, landmarks_path)`` or a mask path (grid rule).
         workers: parallel processes (1 = in this process).
         shard: ``"K/N"``: only subjects K, K+N, ... of the sorted sids (see the module docstring).
-        qc_dice: registration Dice under which a subject is flagged (``qc_pass`` False).
+        qc_dice: registration Dice under which a subject fails QC (``low_registration_dice``).
         segment: segment the lungs even where the manifest gives a mask (reports ``mask_dice``).
         registration_kwargs: extra keyword arguments of ``register_masks``.
         pad: voxels of -1024 HU padding around each 1 mm volume (60 in the paper; smaller is
             faster and only matters for patches reaching past the scan).
         progress: show a tqdm bar.
+        min_coverage: share of the atlas lung a scan must cover, else it fails QC (``partial_fov``).
+        min_patch_fov: share of a patch that must lie inside the scan for the patch to be valid
+            (kept in ``store.json`` as ``min_patch_fov``, read by
+            :meth:`~drasclr_lib.data.patch_store.PatchStore.valid_patches`).
 
     Returns:
         :class:`~drasclr_lib.data.patch_store.PatchStore` of ``out_dir``.
@@ -251,7 +262,8 @@ def preprocess_cohort(manifest, out_dir: str | os.PathLike, *, atlas=None, worke
     ensure_store_meta(out_dir, the_atlas.corners, the_atlas.locs, the_atlas.neighbors(2),
                       patch_size=the_atlas.patch_size, atlas_source=the_atlas.source,
                       atlas_geometry=the_atlas.corner_geometry, qc_dice=float(qc_dice), segment=bool(segment),
-                      pad_voxels=int(pad), spacing_mm=1.0)
+                      pad_voxels=int(pad), spacing_mm=1.0, min_coverage=float(min_coverage),
+                      min_patch_fov=float(min_patch_fov))
     mine = shard_sids(df["sid"], shard)
     todo = [s for s in mine if not subject_done(out_dir, s)]
     rows = {str(r["sid"]): {k: (None if (isinstance(v, float) and np.isnan(v)) else v) for k, v in r.items()}
@@ -271,7 +283,8 @@ def preprocess_cohort(manifest, out_dir: str | os.PathLike, *, atlas=None, worke
     try:
         if workers == 1:
             for sid in todo:
-                handle(_run_one(rows[sid], str(out_dir), qc_dice, segment, registration_kwargs, pad, atlas=the_atlas))
+                handle(_run_one(rows[sid], str(out_dir), qc_dice, segment, registration_kwargs, pad, atlas=the_atlas,
+                                min_coverage=min_coverage))
         else:
             import multiprocessing as mp
 
@@ -281,7 +294,8 @@ def preprocess_cohort(manifest, out_dir: str | os.PathLike, *, atlas=None, worke
             threads = max(1, available_cores() // workers)
             with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
                                      initargs=(the_atlas, threads, ctx.Value("i", 0))) as pool:
-                futures = {pool.submit(_run_one, rows[sid], str(out_dir), qc_dice, segment, registration_kwargs, pad): sid
+                futures = {pool.submit(_run_one, rows[sid], str(out_dir), qc_dice, segment, registration_kwargs, pad,
+                                       None, min_coverage): sid
                            for sid in todo}
                 for fut in as_completed(futures):
                     try:
@@ -293,6 +307,22 @@ def preprocess_cohort(manifest, out_dir: str | os.PathLike, *, atlas=None, worke
         write_failures_table(out_dir)
         finalize_store(out_dir, df)
     return PatchStore(out_dir)
+
+
+def qc_summary(table: pd.DataFrame) -> str:
+    """The QC part of the ``drasclr preprocess`` summary line: subjects failing QC, and how many
+    subjects carry each reason, e.g. ``"2 fail QC; reasons: partial_fov 2, thick_slices 1"``.
+
+    Args:
+        table: ``subjects.csv`` rows (``qc_pass``, ``qc_reasons``; stores written before reasons
+            were recorded have ``qc_pass`` only).
+    """
+    from drasclr_lib.preprocess.checks import count_reasons
+
+    failing = int((~table["qc_pass"].astype(bool)).sum()) if "qc_pass" in table and len(table) else 0
+    counts = count_reasons(table["qc_reasons"].tolist()) if "qc_reasons" in table else {}
+    listed = ", ".join(f"{name} {n}" for name, n in counts.items()) or "none"
+    return f"{failing} fail QC; reasons: {listed}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,8 +361,13 @@ def cli_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shard", help="K/N: process subjects K, K+N, ... of the sorted sids (0 <= K < N) "
                                     "(default: all subjects)")
     ap.add_argument("--qc-dice", type=float, default=DEFAULT_QC_DICE,
-                    help="registration Dice below which a subject is flagged (qc_pass false in its record; its patches "
-                         "are kept)")
+                    help="registration Dice below which a subject fails QC (low_registration_dice; its patches are "
+                         "kept)")
+    ap.add_argument("--min-coverage", type=float, default=DEFAULT_MIN_COVERAGE,
+                    help="share of the atlas lung a scan must cover, else it fails QC (partial_fov)")
+    ap.add_argument("--min-patch-fov", type=float, default=MIN_PATCH_FOV,
+                    help="share of a patch inside the scan below which the patch is invalid (never trained on, NaN "
+                         "embedding, out of %%LAA-950)")
     ap.add_argument("--pad", type=int, default=PAD_VOXELS,
                     help="voxels of -1024 HU padding around the 1 mm volume (default: %(default)s, as published)")
     ap.add_argument("--segment", action="store_true", help="segment the lungs even when the manifest has lung_mask")
@@ -346,7 +381,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     try:
         store = preprocess_cohort(args.manifest, args.out, atlas=atlas, workers=args.workers, shard=args.shard,
                                   qc_dice=args.qc_dice, segment=args.segment, pad=args.pad,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, min_coverage=args.min_coverage,
+                                  min_patch_fov=args.min_patch_fov)
     except (ValueError, FileNotFoundError, PreprocessError) as err:
         print(f"drasclr preprocess: {err}", file=sys.stderr)
         return 2
@@ -354,9 +390,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     df = load_manifest(args.manifest)
     mine = set(shard_sids(df["sid"], args.shard))
     complete = [s for s in store.sids if s in mine]
-    flagged = int((~store.table.loc[complete, "qc_pass"].astype(bool)).sum()) if complete and "qc_pass" in store.table else 0
     print(f"drasclr preprocess: {len(complete)}/{len(mine)} subjects complete in {store.root}, "
-          f"{len(failures)} failed, {flagged} below registration Dice {args.qc_dice}")
+          f"{len(failures)} failed, {qc_summary(store.table.loc[complete] if complete else store.table.iloc[:0])}")
     for _, f in failures.head(10).iterrows():
         print(f"  FAILED {f['sid']} [{f['stage']}]: {str(f['error']).splitlines()[0][:200]}")
     if len(failures) > 10:

@@ -15,8 +15,22 @@ SeriesInstanceUIDs are listed); a 2D image or a 3D image with a single slice; ze
 voxel spacing (read from the raw NIfTI header with nibabel, before SimpleITK silently replaces
 it); NaN or infinite values; intensities that are not Hounsfield units (see :func:`check_hu`).
 
+DICOM series are placed on their true slice positions (:func:`_read_dicom_folder`): the files are
+sorted along the slice normal; two files at one position, slices without a position or with
+different orientations are refused; uneven steps and missing slices are **resampled on the true
+positions** (linear along the normal) when the largest gap is at most
+:data:`MAX_SLICE_GAP_FACTOR` median steps, else **refused with the gap named** (positions and
+the two files); a gantry tilt (slice positions shifted in-plane, not along the normal; the tag
+(0018,1120) is recorded but the positions decide) is **corrected** by shifting each slice and
+cropping to the area all slices cover, up to :data:`MAX_GANTRY_TILT_DEG`. What was found is
+attached as image metadata (``META_*`` keys, :func:`scan_metadata`) for the QC checks.
+
 Intensity scaling: SimpleITK applies the DICOM Rescale Slope/Intercept (0028,1053 / 0028,1052)
 and the NIfTI ``scl_slope`` / ``scl_inter`` when it reads, so values are HU as stored.
+
+Length (~550 lines): one idea, a file on disk made a trustworthy HU volume; the NIfTI header
+checks and the DICOM slice placement are each the reader's defence against what SimpleITK accepts
+silently, and split off they would be read apart from the reader they guard.
 """
 
 from __future__ import annotations
@@ -29,7 +43,9 @@ import SimpleITK as sitk
 
 from drasclr_lib.preprocess.errors import PreprocessError
 
-__all__ = ["read_ct", "read_label", "reorient", "check_hu", "check_finite", "ORIENTATION", "MIN_AIR_FRACTION", "AIR_HU"]
+__all__ = ["read_ct", "read_label", "reorient", "check_hu", "check_finite", "scan_metadata", "ORIENTATION",
+           "MIN_AIR_FRACTION", "AIR_HU", "MAX_SLICE_GAP_FACTOR", "SLICE_STEP_TOLERANCE", "SHEAR_TOLERANCE",
+           "MAX_GANTRY_TILT_DEG"]
 
 #: The common orientation of every image handled by the pipeline.
 ORIENTATION = "LPS"
@@ -38,6 +54,31 @@ ORIENTATION = "LPS"
 MIN_AIR_FRACTION = 1e-3
 #: The HU value under which a voxel counts as air for :func:`check_hu`.
 AIR_HU = -500.0
+
+#: A DICOM series whose largest gap between neighbouring slices is more than this many times its
+#: median slice step is refused, naming the gap's positions and files. Up to it (one or two missing
+#: slices) the volume is resampled on the true slice positions by linear interpolation along the
+#: normal: across a gap of 3 steps (7.5 mm at 2.5 mm) the interpolated slices are as blurred as a
+#: thick-slice scan, which the checks flag anyway; across more, anatomy (vessels, bullae) would be
+#: invented over centimetres.
+MAX_SLICE_GAP_FACTOR = 3.0
+#: Slice steps differing from the median step by more than this fraction make a series "uneven"
+#: (resampled on the true positions); smaller differences are the rounding of the position tags.
+SLICE_STEP_TOLERANCE = 0.05
+#: In-plane offsets of the slice positions larger than this fraction of a pixel mean the stack is
+#: sheared (gantry tilt) and is corrected; smaller ones are rounding.
+SHEAR_TOLERANCE = 0.1
+#: Gantry tilts up to this (degrees; scanners tilt at most about 30) are corrected, more are refused.
+MAX_GANTRY_TILT_DEG = 30.0
+
+#: Metadata keys :func:`read_ct` attaches to the image (``img.GetMetaData(key)``, strings) for the
+#: checks of :mod:`drasclr_lib.preprocess.checks`; read them with :func:`scan_metadata`.
+META_SLICE_THICKNESS = "drasclr.slice_thickness_mm"  # DICOM SliceThickness (0018,0050)
+META_SLICE_SPACING = "drasclr.slice_spacing_mm"  # median step between slice positions
+META_SLICE_GAP = "drasclr.max_slice_gap_mm"  # set only when the series was resampled (uneven / missing slices)
+META_GANTRY_TILT = "drasclr.gantry_tilt_deg"  # set only when in-plane shifts were corrected
+META_TILT_TAG = "drasclr.gantry_tilt_tag_deg"  # DICOM GantryDetectorTilt (0018,1120), as written
+META_PATIENT_POSITION = "drasclr.patient_position"  # DICOM PatientPosition (0018,5100): HFS, HFP, FFS, ...
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 _ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -95,6 +136,32 @@ def check_finite(values: np.ndarray, *, sid: str | None = None, path=None) -> No
         raise PreprocessError(
             f"image holds {n_nan} NaN and {n_inf} infinite voxel values; a CT must be finite HU everywhere",
             stage="read", sid=sid, path=path)
+
+
+def scan_metadata(img: sitk.Image) -> dict:
+    """What the reader learnt about a scan beyond its voxels, from :func:`read_ct`'s metadata.
+
+    Returns:
+        dict with ``slice_thickness_mm`` (SliceThickness tag, else the largest voxel spacing),
+        ``slice_spacing_mm`` (median step between slices, else the largest voxel spacing),
+        ``max_slice_gap_mm`` (NaN unless a DICOM series was resampled on uneven positions),
+        ``gantry_tilt_deg`` (corrected tilt, 0 when none), ``gantry_tilt_tag_deg`` (NaN without
+        the tag) and ``patient_position`` (str, "" when unknown).
+    """
+    def num(key, default):
+        try:
+            return float(img.GetMetaData(key)) if img.HasMetaDataKey(key) else default
+        except ValueError:
+            return default
+
+    largest = float(max(img.GetSpacing()))
+    return {"slice_thickness_mm": num(META_SLICE_THICKNESS, largest),
+            "slice_spacing_mm": num(META_SLICE_SPACING, largest),
+            "max_slice_gap_mm": num(META_SLICE_GAP, float("nan")),
+            "gantry_tilt_deg": num(META_GANTRY_TILT, 0.0),
+            "gantry_tilt_tag_deg": num(META_TILT_TAG, float("nan")),
+            "patient_position": img.GetMetaData(META_PATIENT_POSITION).strip().upper()
+            if img.HasMetaDataKey(META_PATIENT_POSITION) else ""}
 
 
 def _is_nifti(path: Path) -> bool:
@@ -175,7 +242,121 @@ def _check_nifti_header(path: Path, sid) -> None:
         check_finite(data, sid=sid, path=path)
 
 
+def _dicom_header(name: str) -> dict:
+    """Position, orientation, pixel spacing and the tags the checks use, of one DICOM file."""
+    r = sitk.ImageFileReader()
+    r.SetFileName(name)
+    r.ReadImageInformation()
+
+    def tag(key):
+        return r.GetMetaData(key).strip() if r.HasMetaDataKey(key) else None
+
+    def floats(key):
+        v = tag(key)
+        try:
+            return [float(x) for x in v.split("\\")] if v else None
+        except ValueError:
+            return None
+
+    return {"ipp": floats("0020|0032"), "iop": floats("0020|0037"), "thickness": floats("0018|0050"),
+            "position": tag("0018|5100"), "tilt_tag": floats("0018|1120")}
+
+
+def _series_geometry(names: list[str], sid, folder: Path) -> dict:
+    """Slice positions of a DICOM series along its normal, gaps, and in-plane shifts (gantry tilt).
+
+    Returns:
+        dict: ``order`` (file indices sorted along the normal), ``s`` (positions along the normal,
+        mm, sorted), ``uv`` ((N, 2) in-plane offsets of each sorted slice from the first, mm),
+        ``row``, ``col``, ``normal`` (unit vectors), ``ipp0`` (first sorted slice's position),
+        ``headers`` (per file).
+
+    Raises:
+        PreprocessError: slices without a position or with different orientations, or two slices
+            at one position.
+    """
+    headers = [_dicom_header(n) for n in names]
+    missing = [Path(n).name for n, h in zip(names, headers) if h["ipp"] is None or h["iop"] is None]
+    if missing:
+        raise PreprocessError(f"{len(missing)} DICOM file(s) have no ImagePositionPatient/ImageOrientationPatient "
+                              f"(e.g. {missing[0]}); cannot place the slices", stage="read", sid=sid, path=folder)
+    iops = np.array([h["iop"] for h in headers], dtype=np.float64)
+    if np.abs(iops - iops[0]).max() > 1e-3:
+        bad = int(np.argmax(np.abs(iops - iops[0]).max(axis=1)))
+        raise PreprocessError(f"the slices have different orientations (ImageOrientationPatient of {Path(names[bad]).name} "
+                              f"differs from {Path(names[0]).name}); one series must be one stack",
+                              stage="read", sid=sid, path=folder)
+    row, col = iops[0, :3], iops[0, 3:]
+    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    normal = np.cross(row, col)
+    ipp = np.array([h["ipp"] for h in headers], dtype=np.float64)
+    s_all = ipp @ normal
+    order = np.argsort(s_all, kind="stable")
+    s = s_all[order]
+    steps = np.diff(s)
+    if steps.size and steps.min() < 1e-3:
+        k = int(np.argmin(steps))
+        a, b = Path(names[order[k]]).name, Path(names[order[k + 1]]).name
+        raise PreprocessError(f"two slices at one position ({s[k]:.2f} mm along the slice normal): {a} and {b}; "
+                              "remove the duplicate", stage="read", sid=sid, path=folder)
+    d = ipp[order] - ipp[order[0]]
+    uv = np.stack([d @ row, d @ col], axis=1)
+    return {"order": order, "s": s, "uv": uv, "row": row, "col": col, "normal": normal, "ipp0": ipp[order[0]],
+            "headers": [headers[i] for i in order]}
+
+
+def _gantry_tilt_deg(geo: dict) -> float:
+    """The tilt (degrees) implied by in-plane slice shifts: atan(shift / distance along the normal)."""
+    extent = float(geo["s"][-1] - geo["s"][0])
+    shift = float(np.linalg.norm(geo["uv"][-1]))
+    return float(np.degrees(np.arctan2(shift, extent))) if extent > 0 else 0.0
+
+
+def _restack(vol: np.ndarray, geo: dict, pixel: tuple[float, float]) -> tuple[sitk.Image, float]:
+    """Resample sorted slices (``vol`` (K, J, I)) on their true positions onto a regular box.
+
+    In-plane: each slice is shifted by its offset (gantry tilt: the slices are parallel planes, so a
+    translation per slice is exact) and the box is cropped to the area every slice covers, so no
+    value is invented. Along the normal: linear interpolation between the two neighbouring true
+    slice positions onto a regular spacing (the median step).
+
+    Returns:
+        (image, spacing along the normal in mm).
+    """
+    from scipy import ndimage as ndi
+
+    dx, dy = pixel
+    n_k, n_j, n_i = vol.shape
+    u, v = geo["uv"][:, 0], geo["uv"][:, 1]
+    u_lo, u_hi = float(u.max()), float(u.min()) + (n_i - 1) * dx
+    v_lo, v_hi = float(v.max()), float(v.min()) + (n_j - 1) * dy
+    out_i = int(np.floor((u_hi - u_lo) / dx + 1e-6)) + 1
+    out_j = int(np.floor((v_hi - v_lo) / dy + 1e-6)) + 1
+    shifted = np.empty((n_k, out_j, out_i), dtype=np.float32)
+    jj, ii = np.meshgrid(np.arange(out_j, dtype=np.float64), np.arange(out_i, dtype=np.float64), indexing="ij")
+    for k in range(n_k):
+        if abs(u[k] - u_lo) < 1e-6 and abs(v[k] - v_lo) < 1e-6 and out_i == n_i and out_j == n_j:
+            shifted[k] = vol[k]
+            continue
+        coords = np.stack([jj + (v_lo - v[k]) / dy, ii + (u_lo - u[k]) / dx])
+        shifted[k] = ndi.map_coordinates(vol[k], coords, order=1, mode="nearest")
+    s = geo["s"]
+    step = float(np.median(np.diff(s)))
+    n_out = int(np.floor((s[-1] - s[0]) / step + 1e-6)) + 1
+    targets = s[0] + step * np.arange(n_out)
+    hi = np.clip(np.searchsorted(s, targets, side="left"), 1, n_k - 1)
+    lo = hi - 1
+    w = ((targets - s[lo]) / (s[hi] - s[lo])).astype(np.float32)[:, None, None]
+    out = (1.0 - w) * shifted[lo] + w * shifted[hi]
+    img = sitk.GetImageFromArray(out.astype(np.float32))
+    img.SetSpacing((dx, dy, step))
+    img.SetOrigin(tuple(float(x) for x in geo["ipp0"] + u_lo * geo["row"] + v_lo * geo["col"]))
+    img.SetDirection(tuple(float(x) for x in np.stack([geo["row"], geo["col"], geo["normal"]], axis=1).ravel()))
+    return img, step
+
+
 def _read_dicom_folder(folder: Path, sid) -> sitk.Image:
+    """One DICOM series, placed on its true slice positions (see :data:`MAX_SLICE_GAP_FACTOR`)."""
     files = [p for p in folder.iterdir() if p.is_file()]
     if not files:
         raise PreprocessError("the DICOM folder is empty", stage="read", sid=sid, path=folder)
@@ -191,14 +372,65 @@ def _read_dicom_folder(folder: Path, sid) -> sitk.Image:
             f"the DICOM folder holds {len(series)} series (SeriesInstanceUIDs: {', '.join(series)}); "
             "put each series in its own folder and give the CT series' folder in the manifest",
             stage="read", sid=sid, path=folder)
-    names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0])
+    names = list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series[0]))
+    meta: dict[str, str] = {}
+    geo = None
+    if len(names) > 1:
+        try:
+            geo = _series_geometry(names, sid, folder)
+        except RuntimeError as exc:
+            raise PreprocessError(f"cannot read the DICOM headers of series {series[0]}: {exc}", stage="read", sid=sid,
+                                  path=folder) from exc
+        names = [names[i] for i in geo["order"]]
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(names)
     reader.SetOutputPixelType(sitk.sitkFloat32)  # rescale slope/intercept are applied by GDCM
+    warn = sitk.ProcessObject.GetGlobalWarningDisplay()
+    if geo is not None and len(names) > 2 and np.ptp(np.diff(geo["s"])) > 1e-3:
+        sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's "non uniform sampling" warning: handled below
     try:
-        return reader.Execute()
+        img = reader.Execute()
     except RuntimeError as exc:
         raise PreprocessError(f"cannot read the DICOM series {series[0]}: {exc}", stage="read", sid=sid, path=folder) from exc
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warn)
+    if geo is None:
+        return img
+    head = geo["headers"][0]
+    if head["position"]:
+        meta[META_PATIENT_POSITION] = head["position"]
+    if head["thickness"]:
+        meta[META_SLICE_THICKNESS] = f"{head['thickness'][0]:g}"
+    if head["tilt_tag"]:
+        meta[META_TILT_TAG] = f"{head['tilt_tag'][0]:g}"
+    steps = np.diff(geo["s"])
+    step = float(np.median(steps))
+    gap = float(steps.max())
+    if gap > MAX_SLICE_GAP_FACTOR * step + 1e-3:
+        k = int(np.argmax(steps))
+        raise PreprocessError(
+            f"a gap of {gap:.2f} mm between slices at {geo['s'][k]:.2f} and {geo['s'][k + 1]:.2f} mm along the slice "
+            f"normal (files {Path(names[k]).name} and {Path(names[k + 1]).name}); the series' slice step is "
+            f"{step:.2f} mm and gaps over {MAX_SLICE_GAP_FACTOR:g} steps are refused (missing slices?)",
+            stage="read", sid=sid, path=folder)
+    uneven = float(np.abs(steps - step).max()) > SLICE_STEP_TOLERANCE * step
+    pixel = img.GetSpacing()[:2]
+    sheared = float(np.abs(geo["uv"]).max()) > SHEAR_TOLERANCE * min(pixel)
+    if sheared:
+        tilt = _gantry_tilt_deg(geo)
+        if tilt > MAX_GANTRY_TILT_DEG:
+            raise PreprocessError(f"gantry tilt of {tilt:.1f} degrees (slice positions not along the slice normal) is "
+                                  f"more than the {MAX_GANTRY_TILT_DEG:g} degrees corrected", stage="read", sid=sid,
+                                  path=folder)
+        meta[META_GANTRY_TILT] = f"{tilt:.2f}"
+    if uneven:
+        meta[META_SLICE_GAP] = f"{gap:.3f}"
+    meta[META_SLICE_SPACING] = f"{step:.4f}"
+    if uneven or sheared:
+        img, _ = _restack(sitk.GetArrayFromImage(img), geo, pixel)
+    for key, value in meta.items():
+        img.SetMetaData(key, value)
+    return img
 
 
 def _read_file(path: Path, sid, pixel_type) -> sitk.Image:
@@ -258,16 +490,23 @@ def read_ct(path: str | os.PathLike, *, sid: str | None = None) -> sitk.Image:
 
     Returns:
         A 3D ``sitkFloat32`` image in HU, orientation LPS (see the module docstring), with its
-        physical spacing (mm), origin and direction.
+        physical spacing (mm), origin and direction; it carries the reader's findings as
+        metadata (:func:`scan_metadata`).
 
     Raises:
         PreprocessError: stage ``"read"`` for a missing, unreadable, truncated or corrupt file;
-            an empty folder or one with several DICOM series; a 2D or single-slice image; zero or
-            negative spacing; NaN/inf values; non-CT intensities (:func:`check_hu`).
+            an empty folder or one with several DICOM series; a DICOM gap over
+            :data:`MAX_SLICE_GAP_FACTOR` steps, duplicate slice positions, a tilt over
+            :data:`MAX_GANTRY_TILT_DEG`; a 2D or single-slice image; zero or negative spacing;
+            NaN/inf values; non-CT intensities (:func:`check_hu`).
     """
     img, p = _read_any(path, sid, sitk.sitkFloat32)
     check_hu(sitk.GetArrayViewFromImage(img), sid=sid, path=p)
-    return reorient(img)
+    out = reorient(img)
+    for key in img.GetMetaDataKeys():
+        if key.startswith("drasclr."):
+            out.SetMetaData(key, img.GetMetaData(key))
+    return out
 
 
 def read_label(path: str | os.PathLike, reference: sitk.Image, *, sid: str | None = None,

@@ -13,6 +13,11 @@ the corner is then the far end of the box on the flipped axis. We therefore map 
 *centre* (corner + (P - 1) / 2) and put the subject corner at ``round(centre - (P - 1) / 2)``,
 which equals the published corner mapping in the aligned case and cuts the same anatomy in
 every case.
+
+Field of view. Given the scan's field-of-view mask on the same grid (``inside_1mm``,
+:func:`~drasclr_lib.preprocess.resample.fov_mask`), it is cut with the very same boxes as the CT:
+``fov_fraction`` is the share of each patch's voxels the scanner saw (padding, -1024 HU like air,
+is not). Without it, ``fov_fraction`` falls back to the share inside the padded grid.
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ def _check_grid(img: sitk.Image | None, ref: sitk.Image, name: str) -> np.ndarra
 
 def extract_patches(ct_1mm: sitk.Image, atlas, transform, *, patch_size: int | None = None,
                     label_1mm: sitk.Image | None = None, lobe_1mm: sitk.Image | None = None,
-                    lung_1mm: sitk.Image | None = None) -> dict:
+                    lung_1mm: sitk.Image | None = None, inside_1mm: sitk.Image | None = None) -> dict:
     """Cut every atlas patch from one subject, with per-patch summaries.
 
     Args:
@@ -92,6 +97,8 @@ def extract_patches(ct_1mm: sitk.Image, atlas, transform, *, patch_size: int | N
         label_1mm: optional emphysema label map on the same grid (0 none, 1..3 subtypes).
         lobe_1mm: optional lobe map on the same grid (0 outside, 1..5 lobes).
         lung_1mm: optional lung mask on the same grid (nonzero = lung).
+        inside_1mm: optional field-of-view mask on the same grid (nonzero = inside the scanned
+            volume); lung voxels outside it are not counted.
 
     Returns:
         dict with
@@ -104,7 +111,9 @@ def extract_patches(ct_1mm: sitk.Image, atlas, transform, *, patch_size: int | N
         label map or without lung in the patch);
         ``lobe`` (L,) int64 majority lobe among the patch's lobe voxels (0 when unknown);
         ``laa950`` (L,) percent of the patch's lung voxels below -950 HU (NaN without lung);
-        ``inside_fraction`` (L,) fraction of each patch inside the scan.
+        ``inside_fraction`` (L,) float32 fraction of each patch inside the padded grid;
+        ``fov_fraction`` (L,) float32 fraction of each patch inside the scanned volume
+        (``inside_1mm``; without it, ``inside_fraction``).
 
     Raises:
         ValueError: when a label, lobe or lung map is not on the CT's grid.
@@ -113,6 +122,7 @@ def extract_patches(ct_1mm: sitk.Image, atlas, transform, *, patch_size: int | N
     labels = _check_grid(label_1mm, ct_1mm, "label map")
     lobes = _check_grid(lobe_1mm, ct_1mm, "lobe map")
     lung = _check_grid(lung_1mm, ct_1mm, "lung mask")
+    fov = _check_grid(inside_1mm, ct_1mm, "field-of-view mask")
     corners = map_corners(atlas, transform, ct_1mm, patch_size=P)
 
     hu = sitk.GetArrayViewFromImage(ct_1mm)
@@ -122,10 +132,16 @@ def extract_patches(ct_1mm: sitk.Image, atlas, transform, *, patch_size: int | N
     flat = patches_hu.reshape(L, -1)
 
     out = {"patches_hu": patches_hu, "corners_subject": corners, "label_patches": None,
-           "inside_fraction": inside}
+           "inside_fraction": inside, "fov_fraction": inside}
+    fov_p = None
+    if fov is not None:
+        fov_p = cut_patches(fov, corners, P, 0)[0].reshape(L, -1) > 0
+        out["fov_fraction"] = fov_p.mean(1, dtype=np.float64).astype(np.float32)
     nan = np.full(L, np.nan, dtype=np.float64)
     if lung is not None:
         lung_p = cut_patches(lung, corners, P, 0)[0].reshape(L, -1) > 0
+        if fov_p is not None:
+            lung_p &= fov_p  # only scanned lung counts
         n_lung = lung_p.sum(1)
         with np.errstate(invalid="ignore", divide="ignore"):
             out["lung_fraction"] = n_lung / float(P**3)

@@ -1,4 +1,12 @@
-"""Resampling to an isotropic grid with padding (SPEC preprocessing step 1)."""
+"""Resampling to an isotropic grid with padding (SPEC preprocessing step 1), and the mask of what
+the scanner actually covered on that grid (:func:`fov_mask`).
+
+Padding is -1024 HU, the same value as air: once resampled, a voxel the scanner never saw cannot
+be told from lung air by its value. :func:`fov_mask` therefore carries "inside the original
+scanned volume" through the same resampling as a mask of its own, which the pipeline uses for
+the per-patch field of view (``patch_fov_fraction``), the subject's lung coverage and every
+density figure.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +15,16 @@ import os
 import numpy as np
 import SimpleITK as sitk
 
-__all__ = ["resample_isotropic", "isotropic_grid", "available_cores", "PAD_VOXELS"]
+__all__ = ["resample_isotropic", "isotropic_grid", "fov_mask", "available_cores", "PAD_VOXELS", "OUTSIDE_SCAN_HU"]
 
 #: Voxels of -1024 HU padding on every side of a subject's 1 mm volume (60 in the paper): the one
 #: default of the resampling, the per-scan pipeline, the cohort runner, inference and the CLI.
 PAD_VOXELS = 60
+
+#: Native CT voxels below this (HU) lie outside the scanner's reconstruction circle: scanners store
+#: them as -2000, -2048 or -3024 (DICOM pixel padding); air reads about -1000 HU and its noise never
+#: reaches -1500.
+OUTSIDE_SCAN_HU = -1500.0
 
 _INTERPOLATORS = {
     "bspline": sitk.sitkBSpline,  # cubic B-spline: CT
@@ -106,3 +119,36 @@ def resample_isotropic(img: sitk.Image, spacing: float = 1.0, *, interpolator: s
     f.SetOutputPixelType(out_type)
     f.SetTransform(sitk.Transform())
     return f.Execute(src)
+
+
+def fov_mask(native: sitk.Image, reference: sitk.Image, *, outside_hu: float | None = OUTSIDE_SCAN_HU) -> sitk.Image:
+    """Where a resampled grid lies inside the originally scanned volume.
+
+    A voxel of ``reference`` is inside when nearest-neighbour resampling of ``native`` reaches it
+    (the same extent, half a native voxel beyond the outer voxel centres, that the CT's own
+    resampling treats as inside) and the native voxel it lands on is not padding outside the
+    reconstruction circle (value below ``outside_hu``).
+
+    Args:
+        native: the CT as read (HU, any geometry overlapping ``reference``).
+        reference: the target grid (the padded 1 mm CT).
+        outside_hu: native values below this are outside the scan (:data:`OUTSIDE_SCAN_HU`);
+            ``None``: only the volume's extent counts.
+
+    Returns:
+        ``sitkUInt8`` image on ``reference``'s grid: 1 inside the scanned volume, 0 in the padding.
+    """
+    if outside_hu is None:
+        inside = sitk.Image(native.GetSize(), sitk.sitkUInt8) + 1
+        inside.CopyInformation(native)
+    else:
+        inside = sitk.BinaryThreshold(native, lowerThreshold=float(outside_hu), upperThreshold=3.0e38,
+                                      insideValue=1, outsideValue=0)
+    f = sitk.ResampleImageFilter()
+    f.SetNumberOfThreads(available_cores())
+    f.SetReferenceImage(reference)
+    f.SetInterpolator(sitk.sitkNearestNeighbor)
+    f.SetDefaultPixelValue(0)
+    f.SetOutputPixelType(sitk.sitkUInt8)
+    f.SetTransform(sitk.Transform())
+    return f.Execute(inside)

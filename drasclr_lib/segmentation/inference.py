@@ -9,7 +9,10 @@ patches cut with their subject corners), on the atlas the segmenter's store was 
 with its own location condition (``normalize_locations(atlas.corners)``, the store's ``locs``),
 and the patch probabilities are blended back into the subject's 1 mm grid by
 :class:`PatchBlender`: the mean of the overlapping patches' class probabilities (sum / count),
-background where no patch reaches, and background outside the lung mask. The label volume is
+background where no patch reaches, and background outside the lung mask. Invalid patches (less than
+:data:`~drasclr_lib.data.patch_store.records.MIN_PATCH_FOV`, half, inside the scanned volume:
+mostly padding, which reads as emphysema-like air) are not segmented: voxels only they reach stay
+0, unlabelled, like every voxel outside the scan. The label volume is
 finally resampled (nearest neighbour) from the 1 mm grid onto the geometry of the **input file as
 stored** (read again without reorientation: same size, spacing, origin and direction) and written
 as a uint8 NIfTI, atomically.
@@ -28,6 +31,7 @@ from tqdm.auto import tqdm
 from drasclr_lib.preprocess.atlas_source import resolve_atlas
 from drasclr_lib.preprocess.pipeline import process_scan
 from drasclr_lib.data.patch_store import add_patches, grid_image
+from drasclr_lib.data.patch_store.records import MIN_PATCH_FOV
 from drasclr_lib.utils import atomic_path, resolve_device
 
 __all__ = ["PatchBlender", "input_geometry", "to_input_grid", "segment_scan", "default_output_path",
@@ -146,7 +150,7 @@ def default_output_path(image_path: str | os.PathLike) -> Path:
 @torch.inference_mode()
 def segment_scan(model, image_path: str | os.PathLike, *, atlas, out_path: str | os.PathLike | None = None,
                  lung_mask_path: str | os.PathLike | None = None, batch_size: int = 32, device: str = "auto",
-                 sid: str | None = None, progress: bool = False) -> Path:
+                 sid: str | None = None, progress: bool = False, min_patch_fov: float = MIN_PATCH_FOV) -> Path:
     """Segment one CT scan with a trained segmenter and write the labels next to it.
 
     Args:
@@ -164,10 +168,12 @@ def segment_scan(model, image_path: str | os.PathLike, *, atlas, out_path: str |
         device: ``"auto"``, ``"cpu"``, ``"cuda"``.
         sid: subject id named in errors.
         progress: show a tqdm bar over the patch batches.
+        min_patch_fov: patches with less than this share of their voxels inside the scanned
+            volume are left out (their voxels unlabelled, 0).
 
     Returns:
-        Path of the written uint8 label NIfTI (0 background, 1.. classes of the model), on the
-        input's grid: same size, spacing, origin and direction as the input file.
+        Path of the written uint8 label NIfTI (0 background or unlabelled, 1.. classes of the
+        model), on the input's grid: same size, spacing, origin and direction as the input file.
 
     Raises:
         PreprocessError: when the scan cannot be read, segmented or registered.
@@ -182,15 +188,17 @@ def segment_scan(model, image_path: str | os.PathLike, *, atlas, out_path: str |
     locs = atlas.locs
     P = atlas.patch_size
     shape_kji = sitk.GetArrayViewFromImage(scan.ct_1mm).shape
-    blender = PatchBlender(shape_kji, scan.corners_subject, P, model.num_classes)
+    valid = np.flatnonzero(np.asarray(scan.patch_fov_fraction) >= float(min_patch_fov) - 1e-6)
+    blender = PatchBlender(shape_kji, scan.corners_subject[valid], P, model.num_classes)
     # each patch carries its own location; the encoder groups a batch's patches by location
-    for i in tqdm(range(0, len(locs), batch_size), desc="segment", disable=not progress, leave=False):
-        x = hu_to_input(torch.from_numpy(scan.patches_hu[i:i + batch_size])).unsqueeze(1).to(dev)
-        loc = torch.as_tensor(locs[i:i + batch_size], dtype=torch.float32, device=dev)
+    for i in tqdm(range(0, len(valid), batch_size), desc="segment", disable=not progress, leave=False):
+        b = valid[i:i + batch_size]
+        x = hu_to_input(torch.from_numpy(scan.patches_hu[b])).unsqueeze(1).to(dev)
+        loc = torch.as_tensor(locs[b], dtype=torch.float32, device=dev)
         probs = torch.softmax(model(x, loc).float(), dim=1).cpu().numpy()
-        blender.add(probs, scan.corners_subject[i:i + batch_size])
+        blender.add(probs, scan.corners_subject[b])
     labels = blender.labels()
-    labels[sitk.GetArrayViewFromImage(scan.lung_1mm) == 0] = 0
+    labels[sitk.GetArrayViewFromImage(scan.lung_1mm) == 0] = 0  # the lung mask is inside the scan
     label_1mm = sitk.GetImageFromArray(labels)
     label_1mm.CopyInformation(scan.ct_1mm)
     out = to_input_grid(label_1mm, input_geometry(image_path))

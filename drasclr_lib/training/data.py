@@ -14,6 +14,10 @@ Patients with several scans (the manifest's optional ``group`` column, a patient
 carries its subject's *group* index (:func:`subject_groups`), which the model records with its keys
 and uses to keep two scans of one patient out of each other's negatives. Without the column every
 subject is its own group and the group index is the subject index.
+
+Patches mostly outside the scanned volume are never drawn: :func:`trainable_pairs` gives the
+sampler the (subject, location) pairs whose anchor and neighbours are valid. Length (~350 lines):
+the sampler and the dataset it drives are one contract.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from torch.utils.data import Dataset, Sampler
 from drasclr_lib.augment import build_augment
 from drasclr_lib.intensity import hu_to_input
 
-__all__ = ["GROUP_COLUMN", "SampleIndex", "LocationBatchSampler", "PatchPairDataset", "subject_groups"]
+__all__ = ["GROUP_COLUMN", "SampleIndex", "LocationBatchSampler", "PatchPairDataset", "subject_groups",
+           "trainable_pairs"]
 
 #: The manifest / ``subjects.csv`` column naming each subject's patient (several scans, one group).
 GROUP_COLUMN = "group"
@@ -105,6 +110,26 @@ def _sample_seeds(seed: int, epoch: int, loc: int, subjects: np.ndarray) -> np.n
     return (z >> np.uint64(1)).astype(np.int64)
 
 
+def trainable_pairs(store, num_neighbors: int) -> np.ndarray:
+    """(N, L) bool: the (subject, location) pairs pretraining may draw.
+
+    A pair is trainable when its patch and the patches of its first ``num_neighbors`` atlas
+    neighbours are all valid (:meth:`~drasclr_lib.data.patch_store.PatchStore.valid_patches`: at
+    least half inside the scanned volume), so no anchor, key or neighbour view is mostly padding.
+    Give it to :class:`LocationBatchSampler` as ``valid``. Stores without field-of-view records:
+    every pair.
+
+    Args:
+        store: a ``PatchStore``.
+        num_neighbors: K, neighbours per anchor (0: the anchor alone).
+    """
+    valid = store.valid_mask()
+    out = valid.copy()
+    for j in range(int(num_neighbors)):
+        out &= valid[:, store.neighbors[:, j]]
+    return out
+
+
 class LocationBatchSampler(Sampler):
     """Batches of one anatomical location each; an epoch walks every location.
 
@@ -124,6 +149,10 @@ class LocationBatchSampler(Sampler):
             (with ``world_size > 1`` it is padded by wrapping around the location's subject order,
             so that every rank gets ``batch_size`` samples).
         rank, world_size: this process's place under DDP (defaults: one process).
+        valid: optional (N, L) bool, the pairs that may be drawn (:func:`trainable_pairs`); at each
+            location only its valid subjects are shuffled and batched, so a location with fewer
+            valid subjects has fewer batches (none below one global batch with ``drop_last``).
+            ``None``: every pair.
 
     Raises:
         ValueError: on non-positive sizes, ``rank`` outside ``[0, world_size)``, or a global batch
@@ -136,7 +165,8 @@ class LocationBatchSampler(Sampler):
     """
 
     def __init__(self, num_subjects: int, num_locations: int, batch_size: int, *, shuffle: bool = True,
-                 seed: int = 0, drop_last: bool = True, rank: int = 0, world_size: int = 1):
+                 seed: int = 0, drop_last: bool = True, rank: int = 0, world_size: int = 1,
+                 valid: np.ndarray | None = None):
         for name, v in [("num_subjects", num_subjects), ("num_locations", num_locations),
                         ("batch_size", batch_size), ("world_size", world_size)]:
             if int(v) < 1:
@@ -152,17 +182,30 @@ class LocationBatchSampler(Sampler):
         self.drop_last, self.rank, self.world_size = bool(drop_last), int(rank), int(world_size)
         self.epoch = 0
         self.start_batch = 0
+        self.valid = None
+        if valid is not None:
+            self.valid = np.asarray(valid, dtype=bool)
+            if self.valid.shape != (self.num_subjects, self.num_locations):
+                raise ValueError(f"valid must be ({self.num_subjects}, {self.num_locations}) bool, got {self.valid.shape}")
+            if self.batches_per_epoch == 0:
+                raise ValueError("no location has enough valid subjects for one batch of "
+                                 f"{global_batch}: the valid pairs leave nothing to train on")
+
+    def _batches_for(self, m: int) -> int:
+        g = self.batch_size * self.world_size
+        return m // g if self.drop_last else math.ceil(m / g)
 
     @property
     def batches_per_location(self) -> int:
-        """Batches (steps) per location and epoch."""
-        g = self.batch_size * self.world_size
-        return self.num_subjects // g if self.drop_last else math.ceil(self.num_subjects / g)
+        """Batches (steps) per location and epoch when every subject is valid there."""
+        return self._batches_for(self.num_subjects)
 
     @property
     def batches_per_epoch(self) -> int:
         """Batches (steps) of a full epoch, the same on every rank."""
-        return self.batches_per_location * self.num_locations
+        if self.valid is None:
+            return self.batches_per_location * self.num_locations
+        return int(sum(self._batches_for(int(m)) for m in self.valid.sum(0)))
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch (its shuffles) and where in it to start (to resume mid-epoch).
@@ -184,14 +227,17 @@ class LocationBatchSampler(Sampler):
         locs = rng.permutation(self.num_locations) if self.shuffle else np.arange(self.num_locations)
         for loc in locs:
             order = rng.permutation(n) if self.shuffle else np.arange(n)
+            if self.valid is not None:  # only the subjects whose patches here are (mostly) scanned
+                order = order[self.valid[order, loc]]
+            m = len(order)
             seeds = _sample_seeds(self.seed, self.epoch, int(loc), order)
-            for b in range(self.batches_per_location):
+            for b in range(self._batches_for(m)):
                 idx = np.arange(b * g, (b + 1) * g)
-                if idx[-1] >= n:  # last incomplete global batch (drop_last=False)
+                if idx[-1] >= m:  # last incomplete global batch (drop_last=False)
                     if self.world_size == 1:
-                        idx = idx[idx < n]
+                        idx = idx[idx < m]
                     else:
-                        idx = idx % n
+                        idx = idx % m
                 mine = idx[self.rank * bs:(self.rank + 1) * bs] if self.world_size > 1 else idx
                 yield [SampleIndex(order[i], loc, seeds[i]) for i in mine]
 

@@ -33,7 +33,7 @@ from drasclr_lib.data.patch_store import PatchStore
 from drasclr_lib.training.checkpoint import (load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                                              write_history_csv)
 from drasclr_lib.training.config import RESUME_KEYS, PretrainConfig, effective_lr, effective_queue_size
-from drasclr_lib.training.data import LocationBatchSampler, PatchPairDataset
+from drasclr_lib.training.data import LocationBatchSampler, PatchPairDataset, trainable_pairs
 from drasclr_lib.training.model_card import write_model_card
 from drasclr_lib.utils import output_dir, resolve_device, save_json, seed_everything
 
@@ -231,7 +231,7 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device):
                       f"at most num_subjects - global batch for the {n_sub} subjects)", stacklevel=3)
     lr0 = effective_lr(cfg, world)
     sampler = LocationBatchSampler(n_sub, n_loc, cfg.batch_size, shuffle=True, seed=cfg.seed, drop_last=True,
-                                   rank=rank, world_size=world)
+                                   rank=rank, world_size=world, valid=trainable_pairs(store, cfg.num_neighbors))
     steps_per_epoch = sampler.batches_per_epoch
     total_steps = cfg.epochs * steps_per_epoch
     stop_step = cfg.stop_step(total_steps)

@@ -311,3 +311,51 @@ def test_patch_table_rejects_wrong_length(tmp_path):
     rec_path.write_text(json.dumps({**json.loads(rec_path.read_text()), "patch_lobe": [1, 2, 3]}))
     with pytest.raises(ValueError, match="s1.*patch_lobe"):
         patch_table(PatchStore(root))
+
+
+# -- field of view, validity and reasons ---------------------------------------------------------
+def test_fov_fields_round_trip_and_reasons_join_in_the_table(tmp_path):
+    data = {**_full_record(), "qc_pass": False, "qc_reasons": ["partial_fov:0.82", "thick_slices:5.0mm"],
+            "fov_lung_coverage": 0.82, "patch_fov_fraction": [1.0, 0.25, 0.5]}
+    rec = SubjectRecord.from_dict(data)
+    assert rec.patch_fov_fraction.dtype == np.float32 and rec.qc_reasons == ["partial_fov:0.82", "thick_slices:5.0mm"]
+    assert json.dumps(rec.to_dict(), sort_keys=True) == json.dumps(data, sort_keys=True)
+    assert rec.valid_patches().tolist() == [True, False, True]  # half inside is valid
+    assert rec.valid_patches(0.6).tolist() == [True, False, False]
+    assert rec.flat()["qc_reasons"] == "partial_fov:0.82;thick_slices:5.0mm"
+    clean = SubjectRecord.from_dict({**_full_record("s2"), "qc_reasons": []})
+    assert clean.flat()["qc_reasons"] == "" and clean.to_dict()["qc_reasons"] == []
+    root = _store(tmp_path / "st")
+    write_subject(root, "s1", np.zeros((3, 4, 4, 4)), record=rec)
+    write_subject(root, "s2", np.zeros((3, 4, 4, 4)), record=clean)
+    finalize_store(root)
+    store = PatchStore(root)
+    assert store.table.loc["s1", "qc_reasons"] == "partial_fov:0.82;thick_slices:5.0mm"
+    assert store.table.loc["s1", "fov_lung_coverage"] == 0.82
+    assert store.valid_patches("s1").tolist() == [True, False, True]
+    assert store.valid_mask().tolist() == [[True, False, True], [True, True, True]]
+    table = patch_table(store)
+    assert np.isnan(table["laa950"][0, 1]) and table["laa950"][0, 2] == 12.5  # the invalid patch is out
+    np.testing.assert_array_equal(table["valid"], store.valid_mask())
+    np.testing.assert_allclose(table["fov_fraction"][0], [1.0, 0.25, 0.5])
+
+
+def test_store_threshold_comes_from_store_json(tmp_path):
+    root = tmp_path / "st"
+    write_store_meta(root, CORNERS, np.zeros((3, 3)), np.zeros((3, 1), int), patch_size=4, min_patch_fov=0.2)
+    write_subject(root, "s1", np.zeros((3, 4, 4, 4)), record={**_full_record(), "patch_fov_fraction": [1.0, 0.25, 0.1]})
+    finalize_store(root)
+    store = PatchStore(root)
+    assert store.min_patch_fov == 0.2 and store.valid_patches("s1").tolist() == [True, True, False]
+
+
+def test_stores_written_before_the_field_of_view_read_as_fully_inside(tmp_path):
+    root = _store(tmp_path / "old")
+    write_subject(root, "s1", np.zeros((3, 4, 4, 4)), record=_full_record())  # no fov fields, no reasons
+    finalize_store(root)
+    store = PatchStore(root)
+    rec = store.record("s1")
+    assert rec.patch_fov_fraction is None and rec.qc_reasons is None and rec.fov_lung_coverage is None
+    assert store.min_patch_fov == 0.5 and store.valid_patches("s1").all()
+    assert "qc_reasons" not in store.table.columns and "qc_reasons" not in rec.to_dict()
+    assert patch_table(store)["valid"].all() and (patch_table(store)["fov_fraction"] == 1).all()

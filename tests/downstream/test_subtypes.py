@@ -64,3 +64,18 @@ def test_patch_classifier_learns_separable_subtypes_with_subject_folds():
     np.testing.assert_allclose(proba[1].sum(-1), 1.0, atol=1e-5)
     noise_scores, _ = cv_patch_classifier(rng.normal(size=(N, L, D)), y, fold)
     assert noise_scores.auc_macro.mean() < 0.65
+
+
+def test_patch_classifier_skips_invalid_patches():
+    """Invalid patches (NaN embeddings) are neither trained on nor scored; their probabilities are NaN."""
+    rng = np.random.default_rng(1)
+    N, L, D = 20, 30, 6
+    y = rng.integers(0, 4, size=(N, L))
+    H = rng.normal(size=(N, L, D)) * 0.3
+    H[..., :4] += np.eye(4)[y] * 2
+    bad = rng.random((N, L)) < 0.15
+    H[bad] = np.nan
+    fold = make_folds(N, k=4, seed=0)
+    scores, proba = cv_patch_classifier(H, y, fold, max_train=200)
+    assert np.isnan(proba[bad]).all() and np.isfinite(proba[~bad]).all()
+    assert scores.n_test.sum() == (~bad).sum() and scores.auc_macro.mean() > 0.95

@@ -113,6 +113,10 @@ def test_records_and_patches(store_dir):
                     "time_resample_s", "time_lung_mask_s", "time_register_s", "time_patches_s"):
             assert key in rec, key
         assert rec["reg_dice"] >= 0.8 and rec["qc_pass"]
+        # whole phantoms: every patch at least half scanned, no reason to fail
+        assert not {r.split(":")[0] for r in rec["qc_reasons"]} & {"partial_fov", "low_registration_dice"}
+        assert rec["fov_lung_coverage"] > 0.99 and min(rec["patch_fov_fraction"]) >= 0.5
+        assert rec["mean_patch_inside"] == pytest.approx(np.mean(rec["patch_fov_fraction"]), abs=1e-5)
         assert np.asarray(rec["corners_subject"]).shape == (L, 3)
         assert 0.1 < rec["lung_volume_l"] < 0.3  # two ~80-100 ml ellipsoids
         assert 5 < rec["laa950"] < 20  # 10 % of lung voxels set to -980 HU
@@ -285,3 +289,34 @@ def test_patches_are_cut_through_the_registration_transform(cohort_dir, tmp_path
     images = scan_to_1mm(row["image"], lung_mask=row["lung_mask"], sid="moved", pad=PAD)  # the volumes cut above
     ident = extract_patches(images.ct_1mm, atlas, None, lung_1mm=images.lung_1mm)["lung_fraction"]
     assert agreement(ident)[0] > 0.15
+
+
+def test_cli_counts_each_reason(store_dir, cohort_dir, tmp_path, capsys):
+    """A phantom missing the lower 40 % of its slices fails QC with partial_fov; the summary
+    line counts it, and subjects.csv holds the reasons."""
+    mask, lm = _atlas_of(store_dir)
+    rows = pd.read_csv(cohort_dir / "manifest.csv").query("sid in ['s0', 's1']").to_dict("records")
+    cut = dict(rows[1], sid="s1cut", image=str(tmp_path / "s1cut.nii.gz"), lung_mask=str(tmp_path / "s1cut_mask.nii.gz"))
+    for key in ("image", "lung_mask"):
+        img = sitk.ReadImage(rows[1][key])
+        sitk.WriteImage(img[:, :, 16:], cut[key])
+    pd.DataFrame(rows + [cut]).to_csv(tmp_path / "m.csv", index=False)
+    code = cohort.cli_main(["--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "st"), "--atlas-mask",
+                            str(mask), "--landmarks", str(lm), "--no-progress", "--pad", str(PAD)])
+    text = capsys.readouterr().out
+    assert code == 0 and "3/3 subjects complete" in text
+    assert "1 fail QC" in text and "partial_fov 1" in text, text
+    table = pd.read_csv(tmp_path / "st" / "subjects.csv", dtype={"sid": str}).set_index("sid")
+    assert table.loc["s1cut", "qc_reasons"].startswith("partial_fov:") and not table.loc["s1cut", "qc_pass"]
+    assert table.loc["s1cut", "fov_lung_coverage"] < 0.9 <= table.loc["s0", "fov_lung_coverage"]
+    assert table.loc["s0", "qc_pass"] and "partial_fov" not in str(table.loc["s0", "qc_reasons"])
+    store = PatchStore(tmp_path / "st")
+    assert store.meta["min_patch_fov"] == 0.5 and store.meta["min_coverage"] == 0.9
+    assert not store.valid_patches("s1cut").all() and store.valid_patches("s0").all()
+
+
+def test_qc_summary_of_old_and_new_tables():
+    assert cohort.qc_summary(pd.DataFrame({"qc_pass": [True, False]})) == "1 fail QC; reasons: none"
+    t = pd.DataFrame({"qc_pass": [True, False, False],
+                      "qc_reasons": [np.nan, "partial_fov:0.82;thick_slices:5.0mm", "partial_fov:0.7"]})
+    assert cohort.qc_summary(t) == "2 fail QC; reasons: partial_fov 2, thick_slices 1"

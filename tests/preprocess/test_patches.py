@@ -121,3 +121,25 @@ def test_map_corners_rounds_to_nearest(scene):
     ct, _, _, atlas = scene
     tx = sitk.TranslationTransform(3, (0.6, 0.4, -0.6))
     assert np.array_equal(map_corners(atlas, tx, ct), atlas.corners + [1, 0, -1])
+
+
+def test_field_of_view_cut_with_the_same_boxes(scene):
+    """``fov_fraction`` is the share of each patch inside the scanned volume, and lung outside it
+    does not count (padding inside the grid reads as air, i.e. as emphysema)."""
+    ct, hu, mask, atlas = scene
+    inside = np.ones_like(hu, dtype=np.uint8)
+    inside[:, :, :14] = 0  # the scanner saw nothing at i < 14 (but the grid goes on)
+    fov = _image(inside, origin=ct.GetOrigin())
+    out = extract_patches(ct, atlas, None, lung_1mm=mask, inside_1mm=fov)
+    plain = extract_patches(ct, atlas, None, lung_1mm=mask)
+    lung = sitk.GetArrayFromImage(mask) > 0
+    for n, (i, j, k) in enumerate(atlas.corners):
+        box = (slice(k, k + 8), slice(j, j + 8), slice(i, i + 8))
+        assert out["fov_fraction"][n] == pytest.approx(inside[box].sum() / 8**3)
+        assert out["lung_fraction"][n] == pytest.approx((lung[box] & (inside[box] > 0)).sum() / 8**3)
+    np.testing.assert_array_equal(out["inside_fraction"], plain["inside_fraction"])
+    assert out["fov_fraction"].dtype == np.float32
+    assert out["fov_fraction"].tolist() == [0.0, 0.5, 1.0, 1.0]  # corners i = 0, 10, 20, 44
+    np.testing.assert_array_equal(plain["fov_fraction"], plain["inside_fraction"])  # without a mask: the grid's
+    with pytest.raises(ValueError, match="field-of-view mask"):
+        extract_patches(ct, atlas, None, inside_1mm=_image(inside[:-1], origin=ct.GetOrigin()))

@@ -173,3 +173,45 @@ def test_resolve_atlas_of_a_store_folder(synthetic, tmp_path):
     np.testing.assert_array_equal(atlas.corners, synthetic["atlas"].corners)
     with pytest.raises(FileNotFoundError, match="no saved atlas"):
         resolve_atlas(tmp_path)
+
+
+def test_segment_scan_leaves_invalid_patches_unlabelled(synthetic, tmp_path):
+    """A scan missing its lung bases: patches mostly outside it are not segmented, and lung
+    voxels only they reach stay 0 (with a model that calls every voxel class 1)."""
+    from drasclr_lib.data.patch_store.records import MIN_PATCH_FOV
+
+    paths = synthetic["paths"]
+    img, mask = sitk.ReadImage(paths["image"]), sitk.ReadImage(paths["lung_mask"])
+    ks = np.flatnonzero((sitk.GetArrayViewFromImage(mask) > 0).any((1, 2)))
+    k_cut = int(ks.min() + 0.3 * (ks.max() - ks.min()))
+    files = {}
+    for name, im in (("image", img), ("lung_mask", mask)):
+        files[name] = tmp_path / f"cut_{name}.nii.gz"
+        sitk.WriteImage(im[:, :, k_cut:], str(files[name]))
+    model = ConstantSegmenter(1)
+    out = inf.segment_scan(model, files["image"], atlas=synthetic["atlas"], out_path=tmp_path / "seg.nii.gz",
+                           lung_mask_path=files["lung_mask"], device="cpu", sid="cut")
+    scan = process_scan(files["image"], synthetic["atlas"], lung_mask=files["lung_mask"], sid="cut")
+    valid = np.asarray(scan.patch_fov_fraction) >= MIN_PATCH_FOV
+    assert (~valid).any() and valid.any()
+    assert len(torch.cat(model.seen_locs)) == valid.sum()  # only valid patches went through the model
+    lung = sitk.GetArrayFromImage(scan.lung_1mm) > 0
+    by_valid, by_any = np.zeros_like(lung), np.zeros_like(lung)
+    for n, (i, j, k) in enumerate(scan.corners_subject):
+        box = (slice(max(k, 0), k + 32), slice(max(j, 0), j + 32), slice(max(i, 0), i + 32))
+        by_any[box] = True
+        if valid[n]:
+            by_valid[box] = True
+    only_invalid = lung & by_any & ~by_valid
+    assert only_invalid.sum() > 100  # scanned lung that only invalid patches reach
+    src = sitk.ReadImage(str(files["image"]))
+    expect = sitk.GetImageFromArray((lung & by_valid).astype(np.uint8))
+    expect.CopyInformation(scan.ct_1mm)
+    expect = sitk.GetArrayFromImage(sitk.Resample(expect, src, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                                                  sitk.sitkUInt8))
+    fg = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert np.count_nonzero(fg != expect) <= 1e-3 * np.count_nonzero(fg)
+    gone = sitk.GetImageFromArray(only_invalid.astype(np.uint8))
+    gone.CopyInformation(scan.ct_1mm)
+    gone = sitk.GetArrayFromImage(sitk.Resample(gone, src, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8))
+    assert gone.sum() > 0 and fg[gone > 0].sum() <= 1e-3 * gone.sum()

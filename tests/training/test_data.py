@@ -272,3 +272,73 @@ def test_dataset_carries_the_patient_group(tmp_path):
     ds = PatchPairDataset(PatchStore(root), num_neighbors=1, augment=None)
     assert [int(ds[(s, 0)]["group"]) for s in range(6)] == [0, 1, 0, 3, 1, 0]
     assert [int(ds[(s, 0)]["subject"]) for s in range(6)] == list(range(6))
+
+
+# -- the invalid-patch policy ---------------------------------------------------------------------
+def _with_fov(root, fractions: dict) -> PatchStore:
+    """The store at ``root`` with ``patch_fov_fraction`` written into some subjects' records."""
+    from drasclr_lib.utils import load_json, save_json
+
+    for sid, frac in fractions.items():
+        path = root / "subjects" / f"{sid}.json"
+        save_json({**load_json(path), "patch_fov_fraction": [float(v) for v in frac]}, path)
+    return PatchStore(root)
+
+
+@pytest.fixture(scope="module")
+def partial_store(tmp_path_factory):
+    """12 subjects x 18 locations; 4 subjects miss some locations (less than half scanned)."""
+    from drasclr_lib.testing import make_toy_store
+
+    root = make_toy_store(tmp_path_factory.mktemp("partial"), n_subjects=12, with_labels=False)
+    rng = np.random.default_rng(0)
+    fractions = {}
+    for sid in ("s000", "s003", "s007", "s010"):
+        frac = np.ones(18)
+        frac[rng.choice(18, 5, replace=False)] = rng.uniform(0.0, 0.49, 5)
+        frac[rng.choice(18, 2, replace=False)] = 0.5  # exactly half: valid
+        fractions[sid] = frac
+    store = PatchStore(root)
+    return _with_fov(root, {store.sids[int(s[1:])]: f for s, f in fractions.items()})
+
+
+def test_sampler_never_draws_an_invalid_anchor_or_neighbour(partial_store):
+    from drasclr_lib.training.data import trainable_pairs
+
+    store = partial_store
+    valid = store.valid_mask()
+    assert (~valid).sum() > 10
+    ok = trainable_pairs(store, 2)
+    expect = valid & valid[:, store.neighbors[:, 0]] & valid[:, store.neighbors[:, 1]]
+    np.testing.assert_array_equal(ok, expect)
+    assert (valid & ~ok).any()  # some valid anchors are out because of a neighbour
+    for drop_last, world in ((False, 1), (True, 1), (True, 2)):
+        drawn = Counter()
+        for rank in range(world):
+            s = LocationBatchSampler(12, 18, 2, seed=4, drop_last=drop_last, rank=rank, world_size=world, valid=ok)
+            for epoch in range(2):
+                s.set_epoch(epoch)
+                batches = list(s)
+                assert len(batches) == len(s) == s.batches_per_epoch
+                for b in batches:
+                    assert len({l for _, l in b}) == 1
+                    for subj, loc in b:
+                        assert ok[subj, loc], (subj, loc)  # anchor and key valid, neighbours too
+                        assert valid[subj, store.neighbors[loc, :2]].all()
+                        drawn[(subj, loc)] += 1
+        if not drop_last:  # every trainable pair is drawn once per epoch
+            assert set(drawn) == set(zip(*np.nonzero(ok))) and set(drawn.values()) == {2}
+    with pytest.raises(ValueError, match="valid"):
+        LocationBatchSampler(12, 18, 2, valid=ok[:5])
+    with pytest.raises(ValueError, match="nothing to train on"):
+        LocationBatchSampler(12, 18, 2, valid=np.zeros((12, 18), bool))
+
+
+def test_sampler_without_fov_is_unchanged(store):
+    from drasclr_lib.training.data import trainable_pairs
+
+    ok = trainable_pairs(store, 2)
+    assert ok.all()  # the toy store has no field of view: every pair
+    a = [list(map(tuple, b)) for b in LocationBatchSampler(12, 18, 4, seed=0)]
+    b = [list(map(tuple, b)) for b in LocationBatchSampler(12, 18, 4, seed=0, valid=ok)]
+    assert a == b

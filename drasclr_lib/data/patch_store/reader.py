@@ -14,7 +14,7 @@ import pandas as pd
 
 from drasclr_lib.data.patch_store.layout import (FAILURE_COLUMNS, FAILURES_TABLE, FORMAT_VERSION, STORE_META,
                                                  SUBJECTS_TABLE, label_file, patch_file, record_file, subject_done)
-from drasclr_lib.data.patch_store.records import PATCH_ARRAYS, SubjectRecord
+from drasclr_lib.data.patch_store.records import MIN_PATCH_FOV, PATCH_ARRAYS, SubjectRecord
 from drasclr_lib.utils import load_json
 
 __all__ = ["PatchStore", "patch_table"]
@@ -177,14 +177,33 @@ class PatchStore:
         except ValueError as err:
             raise ValueError(f"{err}: {self.root / 'subjects' / (rec.sid + '.json')}") from None
 
+    @property
+    def min_patch_fov(self) -> float:
+        """The store's invalid-patch threshold: ``store.json``'s ``min_patch_fov`` (written by
+        preprocessing), else :data:`~drasclr_lib.data.patch_store.records.MIN_PATCH_FOV` (0.5)."""
+        value = self.meta.get("min_patch_fov")
+        return MIN_PATCH_FOV if value is None else float(value)
+
+    def valid_patches(self, subject: int | str) -> np.ndarray:
+        """(L,) bool: the subject's patches at least :attr:`min_patch_fov` inside the scanned
+        volume (``patch_fov_fraction``). The one place the invalid-patch policy is read from a
+        store; stores written before the field of view was recorded have every patch valid."""
+        return self.record(subject).valid_patches(self.min_patch_fov)
+
+    def valid_mask(self, subjects: Sequence[int | str] | None = None) -> np.ndarray:
+        """(N, L) bool :meth:`valid_patches` of the given subjects (default: all, in store order)."""
+        idx = range(self.num_subjects) if subjects is None else subjects
+        rows = [self.valid_patches(s) for s in idx]
+        return np.stack(rows) if rows else np.zeros((0, self.num_locations), dtype=bool)
+
     def patch_values(self, subject: int | str, key: str) -> np.ndarray | None:
         """One per-patch list of the subject's record as an (L,) array, or ``None`` when absent.
 
         Args:
             subject: index or id.
             key: one of :data:`PATCH_ARRAYS` (``patch_lung_fraction``, ``patch_emph_fraction``,
-                ``patch_lobe``, ``patch_laa950``); float64 with NaN unknown (``patch_lobe``:
-                int64, 0 unknown).
+                ``patch_lobe``, ``patch_laa950``, ``patch_fov_fraction``); float64 with NaN unknown
+                (``patch_lobe``: int64, 0 unknown; ``patch_fov_fraction``: float32).
         """
         if key not in PATCH_ARRAYS:
             raise KeyError(f"unknown per-patch value {key!r}; one of {PATCH_ARRAYS}")
@@ -212,7 +231,9 @@ class PatchStore:
 def patch_table(store, subjects: Sequence[int] | None = None) -> dict[str, np.ndarray]:
     """Per-patch facts of the store's subjects, for colouring maps and scoring embeddings.
 
-    Values come from the per-subject records written by preprocessing. When a record lacks
+    Values come from the per-subject records written by preprocessing. ``laa950`` is NaN at
+    invalid patches (:meth:`PatchStore.valid_patches`: mostly padding, which reads as emphysema).
+    When a record lacks
     ``patch_emph_fraction``, it is computed from the label patches (labelled voxels over the
     patch's lung voxels, using ``patch_lung_fraction`` when the record has it, else over all
     voxels); without label patches it is NaN. A missing ``patch_lobe`` is 0 (unknown).
@@ -224,7 +245,8 @@ def patch_table(store, subjects: Sequence[int] | None = None) -> dict[str, np.nd
     Returns:
         dict of (N, L) arrays: ``emph_fraction`` (float, NaN unknown), ``lobe`` (int, 0 unknown),
         ``lung_fraction`` (float, NaN unknown), ``laa950`` (float %, NaN unknown), and
-        ``height`` (float, the location's atlas z corner, the same for every subject).
+        ``height`` (float, the location's atlas z corner, the same for every subject),
+        ``fov_fraction`` (float32, 1 for records without it) and ``valid`` (bool).
     """
     idx = list(range(store.num_subjects)) if subjects is None else [int(s) for s in subjects]
     N, L = len(idx), store.num_locations
@@ -232,9 +254,14 @@ def patch_table(store, subjects: Sequence[int] | None = None) -> dict[str, np.nd
     lobe = np.zeros((N, L), dtype=np.int64)
     lung = np.full((N, L), np.nan)
     laa = np.full((N, L), np.nan)
+    fov = np.ones((N, L), dtype=np.float32)
+    valid = np.ones((N, L), dtype=bool)
 
     for row, s in enumerate(idx):
         rec = store.record(s)
+        if rec.patch_fov_fraction is not None:
+            fov[row] = rec.patch_fov_fraction
+        valid[row] = rec.valid_patches(getattr(store, "min_patch_fov", MIN_PATCH_FOV))
         if rec.patch_lung_fraction is not None:
             lung[row] = rec.patch_lung_fraction
         if rec.patch_lobe is not None:
@@ -250,5 +277,7 @@ def patch_table(store, subjects: Sequence[int] | None = None) -> dict[str, np.nd
                 denom = lung[row] if rec.patch_lung_fraction is not None else np.ones(L)
                 with np.errstate(divide="ignore", invalid="ignore"):
                     emph[row] = np.where(denom > 0, np.clip(labelled / denom, 0, 1), np.nan)
+    laa[~valid] = np.nan
     height = np.broadcast_to(store.atlas_corners[:, 2].astype(np.float64), (N, L)).copy()
-    return {"emph_fraction": emph, "lobe": lobe, "lung_fraction": lung, "laa950": laa, "height": height}
+    return {"emph_fraction": emph, "lobe": lobe, "lung_fraction": lung, "laa950": laa, "height": height,
+            "fov_fraction": fov, "valid": valid}

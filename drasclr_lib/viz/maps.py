@@ -117,7 +117,8 @@ def patch_maps(sets: Mapping[str, "EmbeddingSet"], table: Mapping[str, np.ndarra
 
     Returns:
         ``(figure, coords)`` with ``coords[name] (M, 2)`` and ``coords["subject"]``,
-        ``coords["location"]`` the indices of the plotted patches.
+        ``coords["location"]`` the indices of the plotted patches (patches embedded as NaN, outside
+        the field of view, are left out).
 
     Raises:
         ValueError: when the sets differ in shape or ``sets`` is empty.
@@ -132,6 +133,9 @@ def patch_maps(sets: Mapping[str, "EmbeddingSet"], table: Mapping[str, np.ndarra
         if sets[n].h.shape[:2] != (N, L):
             raise ValueError(f"embedding set {n!r} has shape {sets[n].h.shape[:2]}, expected {(N, L)}")
     si, li = subsample_patches(N, L, max_points, seed)
+    # patches outside the scan's field of view embed as NaN: they are not drawn
+    ok = np.logical_and.reduce([np.isfinite(sets[n].h[si, li]).all(-1) for n in names])
+    si, li = si[ok], li[ok]
     lobe = np.asarray(table["lobe"])[si, li]
     height = np.asarray(table["height"], dtype=np.float64)[si, li]
     emph = np.asarray(table["emph_fraction"], dtype=np.float64)[si, li]
@@ -163,7 +167,7 @@ def subject_maps(sets: Mapping[str, "EmbeddingSet"], subjects, *, method: str = 
         seed, n_neighbors: UMAP settings.
 
     Returns:
-        ``(figure, coords)`` with ``coords[name] (N, 2)``.
+        ``(figure, coords)`` with ``coords[name] (N, 2)``, NaN for a subject without valid patches.
     """
     import matplotlib.pyplot as plt
 
@@ -180,7 +184,10 @@ def subject_maps(sets: Mapping[str, "EmbeddingSet"], subjects, *, method: str = 
     for row, name in enumerate(names):
         if sets[name].sids != sids:
             raise ValueError(f"embedding set {name!r} holds other subjects than {names[0]!r}")
-        xy, how = umap_2d(pool_subjects(sets[name].h, method), n_neighbors=n_neighbors, seed=seed)
+        X = pool_subjects(sets[name].h, method)
+        ok = np.isfinite(X).all(-1)  # a subject with no valid patch pools to NaN: not drawn (NaN coordinates)
+        xy = np.full((len(X), 2), np.nan)
+        xy[ok], how = umap_2d(X[ok], n_neighbors=n_neighbors, seed=seed)
         coords[name] = xy
         _scatter(axes[row, 0], xy, emph, kind="continuous", title=f"{name}: {how}, by emphysema fraction",
                  cmap="magma")

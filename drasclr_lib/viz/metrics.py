@@ -143,10 +143,12 @@ def embedding_metrics(emb, table: dict, *, max_patches: int | None = 20000, k: i
     Returns:
         ``location_knn_acc``, ``location_chance``, ``lobe_knn_acc`` and ``lobe_chance`` (when
         lobes are known), ``emph_r2``, ``emph_spearman`` (when emphysema fractions vary), and
-        ``n_patches``.
+        ``n_patches`` (the scored patches: NaN embeddings, outside the field of view, are left out).
     """
     N, L, D = emb.h.shape
     si, li = subsample_patches(N, L, max_patches, seed)
+    ok = np.isfinite(emb.h[si, li]).all(-1)  # patches outside the field of view embed as NaN: not scored
+    si, li = si[ok], li[ok]
     X = emb.h[si, li]
     out: dict[str, float] = {"n_patches": int(len(si))}
     loc = knn_accuracy(X, li, si, k=k, n_splits=n_splits)

@@ -173,3 +173,22 @@ def test_task_errors_name_the_column_of_the_store(cohort_store, labelled_store):
     b = run_downstream(store, {"x": _emb(store, h)}, tasks=spec, folds=3, progress=False, pca_components=2)
     pd.testing.assert_frame_equal(a.table, b.table)
     assert a.settings["tasks"] == "paper" and a.settings["group_column"] is None
+
+
+def test_subject_without_valid_patches_left_out_of_every_method(labelled_store):
+    """A subject whose patches all lie outside the scan embeds as NaN: it is dropped from every method's
+    subject-level tasks (same subjects for all), with a warning naming it, instead of breaking the fits."""
+    store = labelled_store
+    N, L = store.num_subjects, store.num_locations
+    d = np.arange(N) / (N - 1)
+    h = np.random.default_rng(0).normal(size=(N, L, 8)) * 0.2
+    h[..., 0] += d[:, None] * 3
+    h[9] = np.nan  # toy009: no valid patch
+    with pytest.warns(UserWarning, match="toy009"):
+        res = run_downstream(store, {"good": _emb(store, h)}, folds=4, seed=0, progress=False, pca_components=2)
+    t = res.table
+    for m in ["qct", "good"]:  # 20 subjects, FEV1pp missing for 2: 17 left once toy009 is out
+        assert t[(t.method == m) & (t.task == "FEV1pp") & (t.metric == "r2")].n.item() == 17
+        assert t[(t.method == m) & (t.task == "survival")].n.item() == 18
+    assert res.value("good", "FEV1pp", "r2_oof") > 0.7
+    assert np.isnan(res.risk["good"][9]) and np.isnan(res.risk["qct"][9])

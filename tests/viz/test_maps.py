@@ -59,3 +59,20 @@ def test_patch_and_subject_maps(tmp_path):
                                 atlas_corners=np.zeros((L, 3)))
     with pytest.raises(ValueError, match="other"):
         patch_maps(bad, table)
+
+
+def test_maps_leave_out_patches_and_subjects_embedded_as_nan():
+    """Patches outside the field of view embed as NaN: the maps draw the others instead of failing."""
+    sets = _sets()
+    N, L = 8, 5
+    for s in sets.values():
+        s.h[2, :3] = np.nan  # three invalid patches of s2
+        s.h[5] = np.nan  # s5: no valid patch at all
+    table = {"lobe": np.ones((N, L), int), "height": np.zeros((N, L)), "emph_fraction": np.zeros((N, L))}
+    fig, coords = patch_maps(sets, table, max_points=None, seed=0, n_neighbors=5)
+    assert len(coords["subject"]) == N * L - 3 - L
+    assert np.isfinite(coords["pretrained"]).all()
+    assert not ((coords["subject"] == 5).any() or ((coords["subject"] == 2) & (coords["location"] < 3)).any())
+    fig, coords = subject_maps(sets, pd.DataFrame({"sid": [f"s{i}" for i in range(N)]}), n_neighbors=4)
+    xy = coords["pretrained"]
+    assert xy.shape == (N, 2) and np.isnan(xy[5]).all() and np.isfinite(np.delete(xy, 5, 0)).all()

@@ -90,3 +90,16 @@ def test_patch_intensity_features_match_the_patches(toy_store):
                                rtol=1e-4)
     # the toy store's emphysema (voxels near -990 HU) grows with the subject index
     assert f[-1, :, 2].mean() > f[0, :, 2].mean() + 0.2
+
+
+def test_embedding_metrics_leave_out_nan_patches():
+    """Patches embedded as NaN (outside the field of view) are not scored, and do not break the probes."""
+    rng = np.random.default_rng(3)
+    N, L, D = 10, 6, 12
+    emph = rng.random((N, L))
+    h = rng.normal(size=(L, D))[None] + np.einsum("nl,d->nld", emph, rng.normal(size=D))
+    h[0, :2] = np.nan
+    table = {"emph_fraction": emph, "lobe": np.tile(np.arange(L) % 3 + 1, (N, 1))}
+    kw = dict(sids=[f"s{i}" for i in range(N)], locs=np.zeros((L, 3)), atlas_corners=np.zeros((L, 3)))
+    m = embedding_metrics(EmbeddingSet(h=h, **kw), table, max_patches=None)
+    assert m["n_patches"] == N * L - 2 and m["emph_r2"] > 0.8

@@ -47,6 +47,8 @@ def baseline_dice(store: PatchStore, subjects: Sequence, *, rule: str, num_class
     for s in (store.index(s) for s in subjects):
         sid = store.sids[s]
         locs = candidate_pairs(store, [s], min_lung_fraction)[:, 1]
+        if not len(locs):  # no patch inside the scan's field of view: not scored, as for the models
+            continue
         if max_patches and len(locs) > max_patches:
             locs = locs[np.unique(np.linspace(0, len(locs) - 1, int(max_patches)).round().astype(int))]
         truth = patch_targets(store.label_patches(s)[locs], num_classes)

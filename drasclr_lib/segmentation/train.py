@@ -105,19 +105,23 @@ def patch_targets(label_patches: np.ndarray, num_classes: int) -> np.ndarray:
 def candidate_pairs(store: PatchStore, subjects, min_lung_fraction: float) -> np.ndarray:
     """(subject, location) pairs used for training and evaluation: (M, 2) int64.
 
-    A subject's locations whose ``patch_lung_fraction`` (from its record) is below
-    ``min_lung_fraction`` are left out; all locations are kept when the record lacks the list,
-    when ``min_lung_fraction`` is 0, or when no location would remain.
+    Invalid patches (less than the store's ``min_patch_fov`` inside the scanned volume,
+    :meth:`PatchStore.valid_patches`) are never used: they are mostly padding, which reads as air.
+    Of the valid locations, those whose ``patch_lung_fraction`` (from its record) is below
+    ``min_lung_fraction`` are left out; all valid locations are kept when the record lacks the list,
+    when ``min_lung_fraction`` is 0, or when no location would remain. A subject with no valid
+    patch contributes no pair.
     """
     pairs = []
     for s in subjects:
-        frac = store.patch_values(int(s), "patch_lung_fraction")
-        locs = np.arange(store.num_locations)
-        if frac is not None and min_lung_fraction > 0:
-            keep = np.asarray(frac, dtype=float) >= min_lung_fraction
+        s = store.index(s)
+        locs = np.flatnonzero(store.valid_patches(s))
+        frac = store.patch_values(s, "patch_lung_fraction")
+        if frac is not None and min_lung_fraction > 0 and len(locs):
+            keep = np.asarray(frac, dtype=float)[locs] >= min_lung_fraction
             locs = locs[keep] if keep.any() else locs
         pairs.extend((int(s), int(l)) for l in locs)
-    return np.asarray(pairs, dtype=np.int64)
+    return np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
 
 
 def train_segmenter(model, store: PatchStore, subjects, cfg: SegConfig, *, progress: bool = True) -> list[dict]:
@@ -294,13 +298,16 @@ def evaluate_segmenter(model, store: PatchStore, subjects, *, num_classes: int =
             its predictions outside the lung set to background (what whole-scan inference does).
 
     Returns:
-        DataFrame with ``sid``, ``dice`` and ``dice_<class>`` per foreground class.
+        DataFrame with ``sid``, ``dice`` and ``dice_<class>`` per foreground class (a subject
+        without a valid patch, :func:`candidate_pairs`, has no row).
     """
     rows = []
     for s in subjects:
         s = int(s)
         pairs = candidate_pairs(store, [s], min_lung_fraction)
         locs_idx = pairs[:, 1]
+        if not len(locs_idx):  # no patch inside the scan's field of view: nothing to score
+            continue
         if max_patches and len(locs_idx) > max_patches:
             locs_idx = locs_idx[np.unique(np.linspace(0, len(locs_idx) - 1, int(max_patches)).round().astype(int))]
         probs = predict_patches(model, store.patches(s)[locs_idx], store.locs[locs_idx], batch_size=batch_size,

@@ -108,3 +108,25 @@ def test_frozen_encoder_is_not_updated(toy_store):
     enc1 = model.encoder.state_dict()
     assert all(torch.equal(enc0[k], enc1[k]) for k in enc0)
     assert any(not torch.equal(dec0[k], v) for k, v in model.head.state_dict().items())
+
+
+def test_candidate_pairs_skip_patches_outside_the_field_of_view(tmp_path):
+    """Fine-tuning and scoring never use a patch that is mostly padding (outside the scan)."""
+    from drasclr_lib.segmentation.baselines import baseline_dice
+    from drasclr_lib.testing import make_toy_store
+    from drasclr_lib.utils import load_json, save_json
+
+    root = make_toy_store(tmp_path / "s", n_subjects=3, grid=(2, 1, 2), patch_size=8, with_labels=True)
+    rec = load_json(root / "subjects" / "toy000.json")
+    rec["patch_lung_fraction"] = [0.0, 0.5, 0.9, 0.9]
+    rec["patch_fov_fraction"] = [1.0, 0.2, 0.5, 1.0]  # location 1 invalid, 2 exactly half inside: valid
+    save_json(rec, root / "subjects" / "toy000.json")
+    rec = load_json(root / "subjects" / "toy001.json")
+    rec["patch_fov_fraction"] = [0.0, 0.1, 0.2, 0.3]  # nothing scanned
+    save_json(rec, root / "subjects" / "toy001.json")
+    store = PatchStore(root)
+    assert candidate_pairs(store, [0], 0.05)[:, 1].tolist() == [2, 3]
+    assert candidate_pairs(store, ["toy000"], 0.0)[:, 1].tolist() == [0, 2, 3]
+    assert candidate_pairs(store, [1], 0.05).shape == (0, 2)
+    assert set(candidate_pairs(store, [0, 1, 2], 0.05)[:, 0]) == {0, 2}
+    assert baseline_dice(store, [0, 1, 2], rule="laa950").sid.tolist() == ["toy000", "toy002"]

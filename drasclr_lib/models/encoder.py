@@ -14,6 +14,9 @@ Parameter and buffer names equal the published ``models/cnn3d.Encoder`` with the
 ``downsample1.conv1.*``, ..., ``fc.0.*``, ``fc.2.*``), so a released checkpoint loads after
 stripping its ``module.encoder_q.`` prefix. ``conditional=False`` builds the same network with
 plain ``nn.Conv3d`` (the MoCo baseline; ``conv1.weight (8, 1, 3, 3, 3)``).
+
+(About 365 lines: the encoder and the loading of every checkpoint layout into it; the loading
+code checks each layout's names and shapes against this architecture, so it stays beside it.)
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ window; with ``workers=0`` on the CPU a resumed run reproduces the uninterrupted
 :func:`train_step` is the optimisation step alone (forward, backward, SGD), also timed by
 ``benchmarks/bench_train.py``; reusing a finished run instead of training is
 :mod:`drasclr_lib.training.runs`.
+
+(About 380 lines: the loop, its resume and its step are one piece of state handling; splitting
+them would scatter what a checkpoint must restore.)
 """
 
 from __future__ import annotations

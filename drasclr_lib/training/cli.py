@@ -59,7 +59,7 @@ OPTIONS: dict[str, dict] = {
                   "help": "encoder arithmetic: auto (bf16 on a CPU with AVX512-BF16/AMX, fp16 on CUDA, else fp32), "
                           "fp32, bf16, fp16 (CUDA); losses and weights stay float32"},
     "memory_format": {"choices": list(MEMORY_FORMATS),
-                      "help": "convolution layout: auto (channels_last on the CPU, contiguous on a GPU), "
+                      "help": "convolution layout: auto (contiguous, the faster one as measured), "
                               "contiguous, channels_last"},
     "max_steps": {"help": "stop after this many steps in total; the schedule still spans --epochs "
                           "(default: the whole schedule)"},

@@ -85,7 +85,7 @@ class PretrainConfig:
             bfloat16, fp16 on CUDA as before, else fp32). Embeddings, queue, losses and parameters
             stay float32 in every case. See :func:`resolve_speed`.
         memory_format: layout of the convolutions: ``"contiguous"`` (NCDHW), ``"channels_last"``
-            (NDHWC) or ``"auto"`` (the faster one on the device, measured in ``docs/pretraining.md``).
+            (NDHWC) or ``"auto"`` (contiguous: the faster one as measured, ``docs/pretraining.md``).
         seed: seed of the model initialisation, the sampler and the augmentations.
         max_steps: stop after this many steps in total (CI); the schedule still spans ``epochs``.
         log_every: steps per history row / TensorBoard point (means over the window); a row is
@@ -241,8 +241,8 @@ def resolve_speed(cfg: PretrainConfig, device: torch.device) -> dict:
     ``precision="auto"``: ``"bf16"`` on a CPU with native bfloat16 (:func:`cpu_has_bf16`); on CUDA
     ``"fp16"`` with gradient scaling (the toolkit's mixed precision before this setting existed);
     otherwise ``"fp32"``. ``amp=False`` always gives ``"fp32"``. ``memory_format="auto"``:
-    channels-last on the CPU (faster for these small channel counts with oneDNN, see
-    ``docs/pretraining.md``), contiguous on a GPU (cuDNN's 3D kernels; not measured here).
+    contiguous (channels-last made the bfloat16 model step slower on the CPU, 26.5 against 36.7
+    anchors/s at batch 32, see ``docs/pretraining.md``; not measured on a GPU).
 
     Args:
         cfg: the run's settings.
@@ -272,5 +272,5 @@ def resolve_speed(cfg: PretrainConfig, device: torch.device) -> dict:
         raise ValueError(f"precision 'bf16': {torch.cuda.get_device_name(device)} has no bfloat16; use 'fp16'")
     fmt = cfg.memory_format
     if fmt == "auto":
-        fmt = "channels_last" if device.type == "cpu" else "contiguous"
+        fmt = "contiguous"  # channels-last measured slower with bfloat16 on the CPU (docs/pretraining.md)
     return {"precision": precision, "memory_format": fmt}

@@ -61,7 +61,7 @@ def test_default_precision_learns_the_float32_loss_curve(store32, tmp_path):
     default_out = tmp_path / "default"
     fast = pd.read_csv(pretrain(_cfg(store32, default_out, **kw)).parent / "history.csv")
     effective = json.loads((default_out / "config.json").read_text(encoding="utf-8"))["effective"]
-    assert effective["precision"] == "bf16" and effective["memory_format"] == "channels_last"
+    assert effective["precision"] == "bf16" and effective["memory_format"] == "contiguous"
     assert len(fp32) == len(fast) == 12 and fp32["step"].tolist() == fast["step"].tolist()
     assert fast["loss"].notna().all() and (fast["loss"] < 20).all()
     a, b = fp32.groupby("epoch")["loss"].mean(), fast.groupby("epoch")["loss"].mean()
@@ -89,7 +89,7 @@ def test_resolve_speed(monkeypatch):
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(config, "cpu_has_bf16", lambda: True)
-    assert resolve_speed(PretrainConfig(), cpu) == {"precision": "bf16", "memory_format": "channels_last"}
+    assert resolve_speed(PretrainConfig(), cpu) == {"precision": "bf16", "memory_format": "contiguous"}
     assert resolve_speed(PretrainConfig(amp=False), cpu)["precision"] == "fp32"
     assert resolve_speed(PretrainConfig(precision="fp32", memory_format="contiguous"), cpu) == {
         "precision": "fp32", "memory_format": "contiguous"}

@@ -27,7 +27,8 @@ Two backends:
 * ``"torch"`` (default): a batched implementation (one ``grid_sample`` call for the whole batch,
   random parameters drawn per sample). It runs on whatever device the patches are on, so the
   training loop can augment on the GPU, and it is much faster than calling MONAI per patch on
-  the CPU (see ``benchmarks/bench_train.py``).
+  the CPU (~3.5x, measured with the loader benchmark that ``benchmarks/bench_train.py`` had before
+  it timed the whole training step; see ``docs/pretraining.md``).
 * ``"monai"``: the MONAI transforms themselves, one patch at a time (reference; slower).
 
 Randomness comes from a ``torch.Generator`` (``seed=`` or ``generator=`` per call), so the same

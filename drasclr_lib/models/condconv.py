@@ -31,7 +31,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CondConv3d", "location_groups", "location_runs", "is_same_location"]
+__all__ = ["CondConv3d", "location_groups", "location_runs", "is_same_location", "conv3d_autocast_safe",
+           "FLOAT32_MAX_SIZE"]
+
+
+#: Under autocast, convolutions whose input is at most this many voxels a side run in float32.
+#: oneDNN's bfloat16 convolution returns a wrong *weight gradient* (garbage, different on every
+#: call, sometimes NaN) for such maps on the CPU (torch 2.13: the encoder's conv3 and conv4 on the
+#: 2³ map; ``tests/models/test_precision.py`` checks the encoder's gradients against float32). They
+#: hold under 3 % of the encoder's FLOPs, so float32 there costs nothing measurable.
+FLOAT32_MAX_SIZE = 2
+
+
+def conv3d_autocast_safe(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
+                         padding: int, groups: int = 1) -> torch.Tensor:
+    """``F.conv3d``, in float32 (autocast off) when autocast is on and the map is tiny (:data:`FLOAT32_MAX_SIZE`)."""
+    if min(x.shape[2:]) <= FLOAT32_MAX_SIZE and torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return F.conv3d(x.float(), weight.float(), None if bias is None else bias.float(), stride, padding, 1,
+                            groups)
+    return F.conv3d(x, weight, bias, stride, padding, 1, groups)
 
 
 class _Routing(nn.Module):
@@ -95,6 +114,10 @@ class CondConv3d(nn.Module):
         ValueError: on non-positive sizes, negative padding, or inputs of the wrong shape.
     """
 
+    #: Run the convolutions in the channels-last 3D layout (NDHWC); set for a whole encoder by
+    #: :meth:`drasclr_lib.models.DrasEncoder.set_channels_last`. Same numbers, another memory layout.
+    channels_last: bool = False
+
     # Above this fraction of distinct locations in a batch the grouped convolution replaces the
     # per-group loop (measured on CPU: the loop over groups wins while groups hold >= ~4 samples).
     GROUPED_MIN_UNIQUE_FRACTION = 0.25
@@ -157,7 +180,10 @@ class CondConv3d(nn.Module):
             raise ValueError(f"CondConv3d: loc must be (B={x.shape[0]}, {self.num_coordinates}), got {tuple(loc.shape)}")
 
     def _conv(self, x: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None, groups: int = 1):
-        return F.conv3d(x, kernel, bias, self.stride, self.padding, 1, groups)
+        if self.channels_last:  # NDHWC input and kernel: oneDNN's fast layout for these small channel counts
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+            kernel = kernel.contiguous(memory_format=torch.channels_last_3d)
+        return conv3d_autocast_safe(x, kernel, bias, self.stride, self.padding, groups)
 
     # -- forward paths ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, loc: torch.Tensor, *, same_location: bool | None = None,

@@ -24,6 +24,9 @@ depending on cohort and batch size). ``queue_subject (K, L)`` records the subjec
 entry (-1 = none), and with ``exclude_same_subject`` those entries are masked out of the anchor's
 local and neighbour logits. ``forward`` reports how many same-subject pairs reached the loss
 (``self_negatives``, counted from the indices; 0 with the mask) and how many were masked.
+
+(About 370 lines: one module, one model; its state (encoders, queues, subject indices), the
+shuffled key encoding and the forward belong together, and the long input checks name every bad shape.)
 """
 
 from __future__ import annotations
@@ -56,6 +59,18 @@ def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
     gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, tensor.contiguous())
     return torch.cat(gathered, dim=0)
+
+
+def _embed(z: torch.Tensor) -> torch.Tensor:
+    """L2-normalised embeddings ``(N, dim)`` of an encoder's ``z``: float32 from bfloat16 / float16 (autocast),
+    else ``z``'s own dtype (float32, float64)."""
+    with _full_precision(z):
+        return F.normalize(z if z.dtype in (torch.float32, torch.float64) else z.float(), dim=1)
+
+
+def _full_precision(t: torch.Tensor):
+    """A context that switches autocast off on ``t``'s device (float32 maths inside an autocast region)."""
+    return torch.autocast(t.device.type, enabled=False)
 
 
 def strip_module_prefix(state_dict: dict, prefix: str = "module.") -> dict:
@@ -127,6 +142,12 @@ class DrasCLR(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    def set_channels_last(self, enabled: bool = True) -> "DrasCLR":
+        """Channels-last 3D convolutions in both encoders (:meth:`DrasEncoder.set_channels_last`); returns ``self``."""
+        self.encoder_q.set_channels_last(enabled)
+        self.encoder_k.set_channels_last(enabled)
+        return self
+
     # ------------------------------------------------------------------------------ key encoder
     @torch.no_grad()
     def momentum_update(self) -> None:
@@ -162,20 +183,20 @@ class DrasCLR(nn.Module):
         normalised with its own statistics, then unshuffled.
         """
         if not self.training:
-            return F.normalize(self.encoder_k(x_k, locs)[0], dim=1)
+            return _embed(self.encoder_k(x_k, locs)[0])
         if _distributed():
             xs, ls, idx_unshuffle = self._batch_shuffle_ddp(x_k, locs)
-            k = F.normalize(self.encoder_k(xs, ls)[0], dim=1)
+            k = _embed(self.encoder_k(xs, ls)[0])
             return self._batch_unshuffle_ddp(k, idx_unshuffle)
         b = x_k.shape[0]
         splits = min(self.split_bn, b // 2)
         if splits <= 1:
-            return F.normalize(self.encoder_k(x_k, locs)[0], dim=1)
+            return _embed(self.encoder_k(x_k, locs)[0])
         perm = torch.randperm(b, device=x_k.device)
         xs, ls = x_k[perm], locs[perm]
         # tensor_split, not chunk: chunk(3) of 7 gives 3, 3, 1 and a 1-sample BatchNorm batch fails
         k = torch.cat([self.encoder_k(xc, lc)[0] for xc, lc in zip(xs.tensor_split(splits), ls.tensor_split(splits))])
-        k = F.normalize(k, dim=1)
+        k = _embed(k)
         return k[torch.argsort(perm)]
 
     # ------------------------------------------------------------------------------ queue
@@ -302,7 +323,9 @@ class DrasCLR(nn.Module):
         if isinstance(loc_idx, torch.Tensor) and bool((loc_idx == loc_idx[0]).all()):
             loc_idx = int(loc_idx[0])
 
-        q = F.normalize(self.encoder_q(x_q, locs)[0], dim=1)  # q: B x dim
+        # the encoders may run under autocast (bfloat16 / float16); the embeddings, the queue and the
+        # losses stay float32 (_embed), so the logits / temperature keep their full precision
+        q = _embed(self.encoder_q(x_q, locs)[0])  # q: B x dim
         r = None
         if x_nbr is not None and self.neighbor_weight > 0:
             b, kn = x_nbr.shape[:2]
@@ -310,13 +333,18 @@ class DrasCLR(nn.Module):
             # which the conditional convolutions run as plain batched convs (no gather/scatter)
             x_r = x_nbr.transpose(0, 1).reshape(kn * b, *x_nbr.shape[2:])  # x_r: (Kn*B) x 1 x P x P x P
             z_r = self.encoder_q(x_r, nbr_locs.transpose(0, 1).reshape(kn * b, 3))[0]
-            r = F.normalize(z_r, dim=1).reshape(kn, b, -1).transpose(0, 1)  # r: B x Kn x dim
+            r = _embed(z_r).reshape(kn, b, -1).transpose(0, 1)  # r: B x Kn x dim
 
         with torch.no_grad():
             if self.training:
                 self.momentum_update()
             k = self.encode_keys(x_k, locs)  # k: B x dim
 
+        with _full_precision(q):
+            return self._losses(q, r, k, loc_idx, subjects)
+
+    def _losses(self, q, r, k, loc_idx, subjects) -> dict:
+        """The local and neighbour InfoNCE of float32 embeddings, the enqueue (training), the counts."""
         if isinstance(loc_idx, int):
             negs = self.queue[:, :, loc_idx].T.clone()  # negs: K x dim (explicit layout, also when K == dim)
         else:

@@ -14,6 +14,9 @@ Parameter and buffer names equal the published ``models/cnn3d.Encoder`` with the
 ``downsample1.conv1.*``, ..., ``fc.0.*``, ``fc.2.*``), so a released checkpoint loads after
 stripping its ``module.encoder_q.`` prefix. ``conditional=False`` builds the same network with
 plain ``nn.Conv3d`` (the MoCo baseline; ``conv1.weight (8, 1, 3, 3, 3)``).
+
+(About 365 lines: the encoder and the loading of every checkpoint layout into it; the loading
+code checks each layout's names and shapes against this architecture, so it stays beside it.)
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from drasclr_lib.models.condconv import CondConv3d, is_same_location, location_groups, location_runs
+from drasclr_lib.models.condconv import (CondConv3d, conv3d_autocast_safe, is_same_location, location_groups,
+                                         location_runs)
 
 __all__ = ["DrasEncoder", "load_encoder"]
 
@@ -29,8 +33,14 @@ __all__ = ["DrasEncoder", "load_encoder"]
 class _PlainConv3d(nn.Conv3d):
     """``nn.Conv3d`` with the conditional convolution's call signature (the location is ignored)."""
 
+    channels_last: bool = False  # as CondConv3d.channels_last
+
     def forward(self, x: torch.Tensor, loc: torch.Tensor | None = None, **_unused) -> torch.Tensor:  # noqa: D102
-        return super().forward(x)
+        weight = self.weight
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+            weight = weight.contiguous(memory_format=torch.channels_last_3d)
+        return conv3d_autocast_safe(x, weight, self.bias, self.stride[0], self.padding[0])
 
 
 def _make_conv(cin: int, cout: int, stride: int, conditional: bool, num_experts: int) -> nn.Module:
@@ -115,6 +125,27 @@ class DrasEncoder(nn.Module):
         """Constructor arguments (saved in checkpoints next to the state dict)."""
         return {"rep_dim": self.rep_dim, "proj_dim": self.proj_dim, "num_experts": self.num_experts,
                 "conditional": self.conditional}
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether the convolutions run in the channels-last 3D layout (:meth:`set_channels_last`)."""
+        return bool(self.conv1.channels_last)
+
+    def set_channels_last(self, enabled: bool = True) -> "DrasEncoder":
+        """Run every convolution in the channels-last 3D layout (NDHWC) or back in the default one.
+
+        The parameters keep their layout (state dicts, checkpoints and the momentum update are
+        unchanged); each convolution converts its input and kernel, and the activations between
+        layers stay channels-last. Outputs equal the default layout's up to float rounding; the
+        speed differs (see ``docs/pretraining.md``).
+
+        Returns:
+            ``self``.
+        """
+        for m in self.modules():
+            if isinstance(m, (CondConv3d, _PlainConv3d)):
+                m.channels_last = bool(enabled)
+        return self
 
     def _route(self, x: torch.Tensor, loc: torch.Tensor | None) -> dict:
         """Check the inputs and decide the convolution path once for all layers."""

@@ -22,7 +22,7 @@ import typing
 from dataclasses import fields
 
 from drasclr_lib.cli_help import HelpFormatter, examples_epilog
-from drasclr_lib.training.config import AUGMENT_ON, PretrainConfig
+from drasclr_lib.training.config import AUGMENT_ON, MEMORY_FORMATS, PRECISIONS, PretrainConfig
 from drasclr_lib.training.loop import pretrain
 
 __all__ = ["cli_main", "build_parser", "field_help", "OPTIONS", "NOT_ON_CLI", "EXAMPLES"]
@@ -54,7 +54,13 @@ OPTIONS: dict[str, dict] = {
     "workers": {"help": "DataLoader worker processes"},
     "device": {"help": "auto, cpu, cuda, cuda:1 ... (under torchrun each process takes cuda:LOCAL_RANK)"},
     "seed": {"help": "seed of the model initialisation, the sampler and the augmentations"},
-    "amp": {"help": "disable mixed precision on CUDA"},
+    "amp": {"help": "disable mixed precision (the same as --precision fp32)"},
+    "precision": {"choices": list(PRECISIONS),
+                  "help": "encoder arithmetic: auto (bf16 on a CPU with AVX512-BF16/AMX, fp16 on CUDA, else fp32), "
+                          "fp32, bf16, fp16 (CUDA); losses and weights stay float32"},
+    "memory_format": {"choices": list(MEMORY_FORMATS),
+                      "help": "convolution layout: auto (contiguous, the faster one as measured), "
+                              "contiguous, channels_last"},
     "max_steps": {"help": "stop after this many steps in total; the schedule still spans --epochs "
                           "(default: the whole schedule)"},
     "log_every": {"help": "steps per history.csv row / TensorBoard point (means over the window)"},

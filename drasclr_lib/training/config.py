@@ -2,7 +2,16 @@
 
 Also the two lists of its fields that identify a run: :data:`RESUME_KEYS` (what the run trains:
 must match to resume a checkpoint or to count as the same run) and :data:`BUDGET_KEYS` (those plus
-where it stops: the budget that :mod:`drasclr_lib.training.runs` hashes into a run's identity).
+where it stops: the budget that :mod:`drasclr_lib.training.runs` hashes into a run's identity), and
+:func:`resolve_speed`, which turns ``precision="auto"`` / ``memory_format="auto"`` into the settings
+a device runs fastest with.
+
+Why precision is not part of a run's identity: like ``device`` (a CPU and a GPU do not round alike
+either) it changes how the numbers are computed, not what is trained; ``tests/training/test_precision.py``
+checks that a bfloat16 and a float32 run learn the same loss curve within a stated tolerance. The
+resolved precision is recorded in ``config.json`` (``effective.precision``) and in the checkpoint,
+and resuming with another one warns that the continuation is no longer bit-exact (resuming with
+the same one, the default on the same machine, stays exact).
 """
 
 from __future__ import annotations
@@ -12,11 +21,13 @@ import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import torch
+
 from drasclr_lib.augment import parse_augment_spec
 from drasclr_lib.utils import output_dir
 
 __all__ = ["PretrainConfig", "effective_queue_size", "effective_lr", "REFERENCE_BATCH", "RESUME_KEYS", "BUDGET_KEYS",
-           "AUGMENT_ON"]
+           "AUGMENT_ON", "PRECISIONS", "MEMORY_FORMATS", "resolve_speed", "cpu_has_bf16"]
 
 #: Batch size the published learning rate belongs to (lr 0.01 at batch 128).
 REFERENCE_BATCH = 128
@@ -31,6 +42,10 @@ RESUME_KEYS = ("epochs", "batch_size", "lr", "scale_lr", "momentum", "weight_dec
 BUDGET_KEYS = (*RESUME_KEYS, "max_steps")
 #: Where the views are augmented (``PretrainConfig.augment_on``).
 AUGMENT_ON = ("auto", "workers", "device")
+#: Arithmetic of the encoders (``PretrainConfig.precision``).
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: Memory layout of the convolutions (``PretrainConfig.memory_format``).
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 
 
 @dataclass
@@ -62,7 +77,15 @@ class PretrainConfig:
             training device) or ``"auto"`` (the device when it is a GPU, else the workers).
         workers: DataLoader worker processes.
         device: ``"auto"``, ``"cpu"``, ``"cuda"``... (under torchrun each process takes ``cuda:LOCAL_RANK``).
-        amp: mixed precision (float16 autocast + gradient scaling); used on CUDA only.
+        amp: allow mixed precision (``False`` forces ``precision`` to float32, as ``--no-amp`` did before
+            ``precision`` existed).
+        precision: arithmetic of the encoders: ``"fp32"``; ``"bf16"`` (bfloat16 autocast, CPU with
+            AVX512-BF16 / AMX or a GPU that supports it); ``"fp16"`` (float16 autocast and gradient
+            scaling, CUDA only); ``"auto"`` (the fastest safe one: bf16 on a CPU with native
+            bfloat16, fp16 on CUDA as before, else fp32). Embeddings, queue, losses and parameters
+            stay float32 in every case. See :func:`resolve_speed`.
+        memory_format: layout of the convolutions: ``"contiguous"`` (NCDHW), ``"channels_last"``
+            (NDHWC) or ``"auto"`` (contiguous: the faster one as measured, ``docs/pretraining.md``).
         seed: seed of the model initialisation, the sampler and the augmentations.
         max_steps: stop after this many steps in total (CI); the schedule still spans ``epochs``.
         log_every: steps per history row / TensorBoard point (means over the window); a row is
@@ -103,6 +126,8 @@ class PretrainConfig:
     workers: int = 2
     device: str = "auto"
     amp: bool = True
+    precision: str = "auto"
+    memory_format: str = "auto"
     seed: int = 0
     max_steps: int | None = None
     log_every: int = 10
@@ -142,6 +167,11 @@ class PretrainConfig:
         if self.augment_on not in AUGMENT_ON:
             raise ValueError("PretrainConfig.augment_on must be 'auto', 'workers' or 'device', "
                              f"got {self.augment_on!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"PretrainConfig.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"PretrainConfig.memory_format must be one of {', '.join(MEMORY_FORMATS)}, "
+                             f"got {self.memory_format!r}")
         parse_augment_spec(self.augment)
 
     def to_dict(self) -> dict:
@@ -195,3 +225,52 @@ def effective_queue_size(queue_size: int, global_batch: int, num_subjects: int) 
     k = queue_size // global_batch * global_batch
     cap = max(global_batch, (num_subjects - global_batch) // global_batch * global_batch)
     return min(k, cap)
+
+
+def cpu_has_bf16() -> bool:
+    """True when this CPU computes bfloat16 natively (AVX512-BF16 or AMX, as oneDNN reports it)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch build without the query
+        return False
+
+
+def resolve_speed(cfg: PretrainConfig, device: torch.device) -> dict:
+    """The precision and memory format a run uses on ``device`` (``"auto"`` resolved).
+
+    ``precision="auto"``: ``"bf16"`` on a CPU with native bfloat16 (:func:`cpu_has_bf16`); on CUDA
+    ``"fp16"`` with gradient scaling (the toolkit's mixed precision before this setting existed);
+    otherwise ``"fp32"``. ``amp=False`` always gives ``"fp32"``. ``memory_format="auto"``:
+    contiguous (channels-last made the bfloat16 model step slower on the CPU, 26.5 against 36.7
+    anchors/s at batch 32, see ``docs/pretraining.md``; not measured on a GPU).
+
+    Args:
+        cfg: the run's settings.
+        device: the training device.
+
+    Returns:
+        ``{"precision": "fp32" | "bf16" | "fp16", "memory_format": "contiguous" | "channels_last"}``.
+
+    Raises:
+        ValueError: when the requested precision cannot run on ``device`` (``"fp16"`` off CUDA,
+            ``"bf16"`` on a GPU without bfloat16).
+    """
+    precision = cfg.precision
+    if not cfg.amp:
+        precision = "fp32"
+    elif precision == "auto":
+        if device.type == "cuda":
+            precision = "fp16"
+        elif device.type == "cpu" and cpu_has_bf16():
+            precision = "bf16"
+        else:
+            precision = "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError(f"precision 'fp16' needs a CUDA device (float16 with gradient scaling); the run is on "
+                         f"{device}: use 'bf16' or 'fp32'")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"precision 'bf16': {torch.cuda.get_device_name(device)} has no bfloat16; use 'fp16'")
+    fmt = cfg.memory_format
+    if fmt == "auto":
+        fmt = "contiguous"  # channels-last measured slower with bfloat16 on the CPU (docs/pretraining.md)
+    return {"precision": precision, "memory_format": fmt}

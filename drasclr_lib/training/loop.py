@@ -12,6 +12,9 @@ window; with ``workers=0`` on the CPU a resumed run reproduces the uninterrupted
 :func:`train_step` is the optimisation step alone (forward, backward, SGD), also timed by
 ``benchmarks/bench_train.py``; reusing a finished run instead of training is
 :mod:`drasclr_lib.training.runs`.
+
+(About 380 lines: the loop, its resume and its step are one piece of state handling; splitting
+them would scatter what a checkpoint must restore.)
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ from drasclr_lib.augment import build_augment
 from drasclr_lib.data.patch_store import PatchStore
 from drasclr_lib.training.checkpoint import (load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                                              write_history_csv)
-from drasclr_lib.training.config import RESUME_KEYS, PretrainConfig, effective_lr, effective_queue_size
+from drasclr_lib.training.config import (RESUME_KEYS, PretrainConfig, effective_lr, effective_queue_size,
+                                         resolve_speed)
 from drasclr_lib.training.data import LocationBatchSampler, PatchPairDataset, trainable_pairs
 from drasclr_lib.training.model_card import write_model_card
 from drasclr_lib.utils import output_dir, resolve_device, save_json, seed_everything
 
-__all__ = ["pretrain", "pretrain_model", "train_step", "cosine_factor"]
+__all__ = ["pretrain", "pretrain_model", "train_step", "cosine_factor", "autocast"]
 
 _METRICS = ("loss", "loss_local", "loss_neighbor", "acc1")  # means over a logging window
 _COUNTS = ("self_negatives", "masked_negatives")  # sums over a logging window and over processes
@@ -86,6 +90,19 @@ def _build_model(cfg: PretrainConfig, num_locations: int, queue_size: int):
                    exclude_same_subject=cfg.exclude_self_negatives)
 
 
+def autocast(device_type: str, precision: str):
+    """The autocast context of a precision: none for ``"fp32"``, bfloat16 / float16 autocast on ``device_type``.
+
+    Raises:
+        ValueError: on an unknown precision.
+    """
+    if precision == "fp32":
+        return nullcontext()
+    if precision not in ("bf16", "fp16"):
+        raise ValueError(f"precision must be 'fp32', 'bf16' or 'fp16', got {precision!r}")
+    return torch.autocast(device_type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
 def _check_resume(ckpt: dict, cfg: PretrainConfig, run: dict, path: Path) -> None:
     old = ckpt["config"]
     diff = [f"{k}: {old.get(k)!r} -> {getattr(cfg, k)!r}" for k in RESUME_KEYS if old.get(k) != getattr(cfg, k)]
@@ -96,6 +113,11 @@ def _check_resume(ckpt: dict, cfg: PretrainConfig, run: dict, path: Path) -> Non
     if diff:
         raise ValueError(f"cannot resume from {path}: the run's settings changed ({'; '.join(diff)}); "
                          "use a new out_dir or resume=False")
+    old_precision = old_run.get("precision")
+    if old_precision is not None and old_precision != run["precision"]:
+        warnings.warn(f"{path} was trained in {old_precision} and resumes in {run['precision']}: the run goes on, "
+                      f"but no longer reproduces an uninterrupted {old_precision} run exactly "
+                      f"(pass precision={old_precision!r} to keep it exact)", stacklevel=4)
 
 
 def pretrain(cfg: PretrainConfig) -> Path:
@@ -139,7 +161,7 @@ def pretrain_model(cfg: PretrainConfig):
 
 
 def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, batch: dict,
-               *, amp: bool = False) -> dict:
+               *, amp: bool = False, precision: str | None = None) -> dict:
     """One optimisation step: ``DrasCLR`` forward (momentum update and enqueue included), backward, SGD step.
 
     Args:
@@ -151,7 +173,10 @@ def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: t
             [-1, 1], optional ``group`` (B,) int64 (the anchor's patient: its queue entries are masked out
             of its negatives; without it ``subject`` (B,), its own subject), optional ``x_nbr``
             (B, k, 1, P, P, P) and ``nbr_locs`` (B, k, 3) (the neighbour loss; absent or None: none).
-        amp: float16 autocast (CUDA only).
+        amp: float16 autocast (CUDA only; the same as ``precision="fp16"``).
+        precision: ``"fp32"``, ``"bf16"`` (bfloat16 autocast on the batch's device) or ``"fp16"``
+            (float16 autocast; pair it with an enabled scaler); ``None``: ``"fp16"`` when ``amp`` else
+            ``"fp32"``. The embeddings and losses stay float32 (``DrasCLR``).
 
     Returns:
         The model's output: ``loss``, ``loss_local``, ``loss_neighbor``, ``acc1``, ``self_negatives``,
@@ -160,13 +185,15 @@ def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: t
     Raises:
         FloatingPointError: when the loss is NaN or infinite (names the location); no step is taken.
     """
-    with torch.autocast("cuda", dtype=torch.float16) if amp else nullcontext():
+    if precision is None:
+        precision = "fp16" if amp else "fp32"
+    with autocast(batch["x_q"].device.type, precision):
         res = net(batch["x_q"], batch["x_k"], batch["loc_idx"], batch["loc"], x_nbr=batch.get("x_nbr"),
                   nbr_locs=batch.get("nbr_locs"), subjects=batch.get("group", batch.get("subject")))
     loss = res["loss"]
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss is {loss.item()} (location {int(batch['loc_idx'][0])}); "
-                                 "lower the learning rate or disable amp")
+                                 "lower the learning rate or use precision='fp32'")
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
@@ -242,8 +269,11 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device):
            "device": str(device), "store": str(store.root)}
 
     seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
+    speed = resolve_speed(cfg, device)
+    run.update(speed)
     model = _build_model(cfg, n_loc, queue).to(device)
-    use_amp = bool(cfg.amp and device.type == "cuda")
+    model.set_channels_last(speed["memory_format"] == "channels_last")
+    use_amp = speed["precision"] == "fp16"  # float16 needs the gradient scaler; bfloat16 does not
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=lr0, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_factor(s, total_steps))
@@ -257,6 +287,11 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device):
             print(f"resuming {ckpt_path} at step {step} of {stop_step}")
     elif cfg.resume and is_main:
         print(f"resume: no checkpoint at {ckpt_path}; starting a new run")
+    if is_main:
+        print(f"pretrain on {device}: precision {speed['precision']} (asked {cfg.precision}"
+              f"{', amp off' if not cfg.amp else ''}), {speed['memory_format']} convolutions, augmentation on the "
+              f"{run['augment_on']}, {cfg.workers} loader worker(s), {torch.get_num_threads()} torch thread(s), "
+              f"batch {cfg.batch_size} x {world} process(es)")
 
     net = model
     if world > 1:
@@ -309,7 +344,7 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device):
                     device_aug, batch["x_q"], batch["x_k"], batch["x_nbr"], generator=gen)
             lr_now = scheduler.get_last_lr()[0]
             try:
-                res = train_step(net, optimizer, scaler, batch, amp=use_amp)
+                res = train_step(net, optimizer, scaler, batch, precision=speed["precision"])
             except FloatingPointError as exc:
                 raise FloatingPointError(f"step {step} (epoch {epoch}): {exc}") from None
             scheduler.step()

@@ -81,7 +81,7 @@ def test_profiles_as_runner_parameters():
     assert all(p == {"PROFILE": "paper"} for p in paper.values())
 
 
-def test_run_notebooks_cli_rejects_an_unknown_parameter(capsys):
+def test_run_notebooks_cli_rejects_an_unknown_parameter(capsys, tmp_path):
     with pytest.raises(SystemExit):
-        runner.main(["--only", "00", "-p", "00:BATCH_SIZE=4"])
+        runner.main(["--out", str(tmp_path), "--only", "00", "-p", "00:BATCH_SIZE=4"])
     assert "has no parameter BATCH_SIZE" in capsys.readouterr().err

@@ -150,7 +150,7 @@ def fit_batch(batch_size: int, num_subjects: int, what: str = "BATCH_SIZE") -> i
 
 def _timed(what: str, estimate_s: float):
     """Print what is made and its expected duration; the returned callable prints the actual one."""
-    print(f"[inputs] {what} (about {estimate_s:.0f} s on 2 CPU cores) ...", flush=True)
+    print(f"[inputs] {what} (about {estimate_s:.0f} s on 2 idle CPU cores) ...", flush=True)
     t0 = time.perf_counter()
     return lambda: print(f"[inputs] done in {time.perf_counter() - t0:.0f} s", flush=True)
 

@@ -1,4 +1,4 @@
-"""Small shared helpers: device choice, seeding, output folders, atomic file writes.
+"""Small shared helpers: device choice, seeding, output folders, atomic file writes, the setup report.
 
 Everything that writes a result file goes through :func:`atomic_path` so that an interrupted run
 never leaves a half-written file behind (the file appears complete or not at all).
@@ -19,7 +19,10 @@ import numpy as np
 __all__ = [
     "resolve_device",
     "seed_everything",
+    "project_root",
+    "output_root",
     "output_dir",
+    "print_config",
     "atomic_path",
     "save_json",
     "load_json",
@@ -56,20 +59,100 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def project_root(start: str | os.PathLike | None = None) -> Path | None:
+    """The clone of the project that holds the package or ``start``, if there is one.
+
+    A clone is a folder with ``pyproject.toml`` and ``drasclr_lib/`` side by side. The package's own
+    location is tried first (an editable install or ``PYTHONPATH`` pointing at a clone), then
+    ``start`` (default: the working directory) and its parents, so a notebook started in a clone's
+    ``notebooks/`` folder finds the clone even when the package was installed from a wheel.
+
+    Returns:
+        The clone's absolute path, or ``None`` (an installed wheel run outside any clone, e.g. Colab).
+    """
+    here = Path(start if start is not None else os.getcwd()).resolve()
+    for folder in (Path(__file__).resolve().parents[1], here, *here.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "drasclr_lib" / "__init__.py").is_file():
+            return folder
+    return None
+
+
+def output_root() -> Path:
+    """The one folder every notebook and command writes under, whatever the working directory.
+
+    ``$DRASCLR_OUT`` when it is set (``~`` expanded; a relative value is taken from the working
+    directory), else the ``outputs/`` folder of the project's clone (:func:`project_root`), else
+    ``outputs/`` in the working directory (an installed package outside any clone). Notebooks print
+    it in their first cell; their ``OUTPUT_ROOT`` parameter sets ``DRASCLR_OUT``.
+
+    Returns:
+        The absolute path (not created here).
+    """
+    env = os.environ.get("DRASCLR_OUT", "").strip()
+    if env:
+        return Path(env).expanduser().resolve()
+    clone = project_root()
+    return (clone / "outputs") if clone is not None else (Path.cwd() / "outputs").resolve()
+
+
 def output_dir(name: str | None = None, root: str | os.PathLike | None = None) -> Path:
     """The output folder shared by the notebooks, created when missing.
 
     Args:
         name: sub-folder (e.g. a notebook's stem ``"01_preprocessing"``); ``None`` gives the root.
-        root: overrides the root; default is ``$DRASCLR_OUT`` or ``outputs/`` in the working directory.
+        root: overrides the root; default :func:`output_root` (``$DRASCLR_OUT``, else the clone's
+            ``outputs/``).
 
     Returns:
         The absolute path of the folder.
     """
-    base = Path(root if root is not None else os.environ.get("DRASCLR_OUT", "outputs")).expanduser()
+    base = Path(root).expanduser() if root is not None else output_root()
     path = base / name if name else base
     path.mkdir(parents=True, exist_ok=True)
     return path.resolve()
+
+
+def print_config(file=None) -> dict[str, str]:
+    """Print what a bug report needs: versions, torch and CUDA, the device, the output root.
+
+    The same idea as MONAI's ``print_config()``: one cell at the top of a notebook that says which
+    environment produced its results (Colab or a laptop, which torch build, which GPU).
+
+    Args:
+        file: stream to print to (default ``sys.stdout``).
+
+    Returns:
+        The printed ``{name: value}`` lines.
+    """
+    import platform
+    import sys
+    from importlib import metadata
+
+    import torch
+
+    import drasclr_lib
+
+    info = {"drasclr_lib": f"{drasclr_lib.__version__} ({Path(drasclr_lib.__file__).parent})",
+            "Python": f"{platform.python_version()} ({sys.executable})",
+            "platform": platform.platform()}
+    for pkg in ("torch", "numpy", "monai", "SimpleITK", "nibabel", "scipy", "scikit-learn", "pandas", "umap-learn",
+                "ipywidgets", "papermill"):
+        try:
+            info[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            info[pkg] = "not installed"
+    info["CUDA (torch build)"] = str(torch.version.cuda or "none: a CPU build")
+    info["CUDA available"] = str(torch.cuda.is_available())
+    if torch.cuda.is_available():
+        info["GPU"] = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    info["device (auto)"] = str(resolve_device("auto"))
+    info["CPU threads (torch)"] = str(torch.get_num_threads())
+    info["Colab"] = str("google.colab" in sys.modules)
+    info["output root"] = str(output_root())
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}", file=file)
+    return info
 
 
 @contextlib.contextmanager

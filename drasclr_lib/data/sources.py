@@ -69,8 +69,22 @@ def expand_env(text: str, *, context: str = "", how_to_obtain: str = "") -> str:
 
 
 def manifest_dir() -> Path:
-    """The ``data_manifest/`` folder of the source tree (one YAML file per data source)."""
-    return Path(__file__).resolve().parents[2] / "data_manifest"
+    """The folder of data-source YAML files (``data_manifest/``, one file per data source).
+
+    In a clone it is the top-level ``data_manifest/`` folder; an installed wheel carries the same
+    files as package data, ``drasclr_lib/data_manifest/`` (``pyproject.toml`` maps the folder to
+    that package), found here through :mod:`importlib.resources`, so ``resolve_manifest("copdgene")``
+    works after ``pip install`` too (Colab).
+
+    Returns:
+        The folder (it may be missing only in a broken installation).
+    """
+    from importlib import resources
+
+    packaged = resources.files("drasclr_lib") / "data_manifest"  # a wheel (or a regular install)
+    if packaged.is_dir():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parents[2] / "data_manifest"  # the clone (editable install, PYTHONPATH)
 
 
 def load_source(path: str | os.PathLike) -> dict[str, Any]:

@@ -16,7 +16,7 @@ shows
 The volumes it draws come from :mod:`drasclr_lib.viz.volumes` (the re-read CT on the subject's
 1 mm grid, or a mosaic of the stored patches; the figure says which).
 
-(About 350 lines, one idea: the explorer, as a static figure and as a widget panel that draw the
+(About 380 lines, one idea: the explorer, as a static figure and as a widget panel that draw the
 same views; the volumes it draws are in :mod:`drasclr_lib.viz.volumes`.)
 """
 
@@ -36,6 +36,7 @@ __all__ = [
     "similar_subjects",
     "PatchExplorer",
     "show_explorer",
+    "enable_colab_widgets",
 ]
 
 
@@ -320,6 +321,22 @@ class PatchExplorer:
         return panel
 
 
+def enable_colab_widgets() -> bool:
+    """On Colab, turn on its custom widget manager, which ipywidgets 8 panels need to render there.
+
+    Returns:
+        True on Colab (the manager is enabled), False elsewhere (JupyterLab needs nothing).
+    """
+    import sys
+
+    if "google.colab" not in sys.modules:
+        return False
+    from google.colab import output  # noqa: PLC0415 - exists only on Colab
+
+    output.enable_custom_widget_manager()
+    return True
+
+
 def show_explorer(explorer: PatchExplorer, *, interactive: bool | None = None, save_to: str | os.PathLike | None = None,
                   locations: int = 2):
     """Show the explorer as widgets, or as static figures where no widget front end exists.
@@ -341,6 +358,7 @@ def show_explorer(explorer: PatchExplorer, *, interactive: bool | None = None, s
     if interactive is None:
         interactive = os.environ.get("DRASCLR_INTERACTIVE", "1") != "0"
     if interactive:
+        enable_colab_widgets()
         panel = explorer.widget()
         display(panel)
         return panel

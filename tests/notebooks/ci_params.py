@@ -1,12 +1,13 @@
-"""The notebooks' test parameters are the library's small profile (also what `make demo` runs),
-so CI checks exactly the settings a newcomer's first run uses. They live in
-``drasclr_lib/notebook_params.json`` (read by :func:`drasclr_lib.runner.load_profile`); change them there."""
+"""The parameters the notebook tests run with: each notebook's own committed parameters cell, read
+from the file (CI executes the notebooks as committed, with no overrides, as a JupyterLab user's Run
+All and `make demo` do). The tests read expected sizes (subjects, steps, fractions) from here."""
 
 from __future__ import annotations
 
-from drasclr_lib.runner import SMALL_PARAMS
+from drasclr_lib.notebook_setup import notebook_parameters
+from drasclr_lib.runner import REPO_NOTEBOOKS, list_notebooks
 
-CI_PARAMS: dict[str, dict] = SMALL_PARAMS
+CI_PARAMS: dict[str, dict] = {nb.stem: notebook_parameters(nb) for nb in list_notebooks(REPO_NOTEBOOKS)}
 
 # Encoder checks of notebooks 02-05 (drasclr_lib.evaluation.view_metrics, the same fixed augmented
 # views for every encoder compared): a pretrained encoder's `alignment` (cosine of the projections

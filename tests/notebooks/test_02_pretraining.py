@@ -39,3 +39,8 @@ def test_02_pretraining(run_notebook, notebook_out):
     assert len(hist) == ci["MAX_STEPS"] and hist["loss"].notna().all()
     assert (out / "config.json").exists()
     assert (out / "training_curves.png").stat().st_size > 1000
+    # the method taught in pictures: a location batch and its two views, the anchor's neighbours,
+    # the experts' routing weights across the lung, the queue's negatives against the positive
+    for name in ("batch_views.png", "neighbours.png", "routing_weights.png", "queue_negatives.png"):
+        assert name in m["figures"] and (out / name).stat().st_size > 5000, name
+    assert 0 <= m["positive_probability_example"] <= 1

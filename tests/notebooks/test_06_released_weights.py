@@ -1,4 +1,4 @@
-"""Notebook 06 with CI parameters: a cohort on the published atlas, embedded with a checkpoint in the
+"""Notebook 06 as committed: a cohort on the published atlas, embedded with a checkpoint in the
 released format (a stand-in the notebook writes, and says so), without any training.
 
 The notebook needs no other notebook's output (it makes a small synthetic cohort when notebook 00's
@@ -36,7 +36,7 @@ def _printed(executed: Path) -> str:
 
 def test_06_released_weights(notebook_out):
     params = CI_PARAMS[STEM]
-    out = execute_notebook(REPO_NOTEBOOKS / f"{STEM}.ipynb", notebook_out, params, cell_timeout=900, progress=False)
+    out = execute_notebook(REPO_NOTEBOOKS / f"{STEM}.ipynb", notebook_out, None, cell_timeout=900, progress=False)
     m = read_metrics(out)
     n = params["N_SUBJECTS"]
 

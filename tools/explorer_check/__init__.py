@@ -22,7 +22,7 @@ Requirements (none of them is a dependency of drasclr_lib):
   download is not needed): ``python3 -m venv /tmp/jlvenv && /tmp/jlvenv/bin/pip install playwright``.
 - The repo's environment with JupyterLab and ipywidgets (``.venv``; ``--python`` to change it).
 - An output folder holding the outputs of notebooks 00-02, e.g.
-  ``.venv/bin/python -m drasclr_lib.runner --out /tmp/jl_out --profile small --only 00 01 02``.
+  ``.venv/bin/python -m drasclr_lib.runner --out /tmp/jl_out --only 00 01 02`` (as committed).
 
 Usage (the documented entry point is ``tools/check_explorer_jupyterlab.py``; from the repository root
 ``python -m tools.explorer_check`` does the same)::
@@ -30,9 +30,9 @@ Usage (the documented entry point is ``tools/check_explorer_jupyterlab.py``; fro
     /tmp/jlvenv/bin/python tools/check_explorer_jupyterlab.py --out /tmp/jl_out \\
         --artifacts /tmp/jl_check
 
-The committed notebook is never touched: the copy lives in a temporary folder, with the parameters
-of the ``small`` profile (``drasclr_lib/notebook_params.json``, read as JSON: drasclr_lib need not be
-importable here) and ``INTERACTIVE = True``. Notebook 03 itself writes its usual outputs (embeddings,
+The committed notebook is never touched: the copy lives in a temporary folder, with its committed
+parameters (the ``laptop`` profile, what CI runs) and ``INTERACTIVE = True`` (its committed
+``"auto"`` would also give widgets in a browser; the check states it). Notebook 03 itself writes its usual outputs (embeddings,
 figures, metrics) into ``OUT/03_embeddings``. The artifacts folder receives ``before.png`` /
 ``after.png`` (the explorer panel), ``*_full.png`` (the whole page), ``executed.ipynb``,
 ``jupyter.log`` and ``report.json``; with ``--docs-img docs/img`` the whole-page screenshots are
@@ -58,7 +58,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent.parent
 NOTEBOOK = REPO / "notebooks" / "03_embeddings.ipynb"
-PARAMS_FILE = REPO / "drasclr_lib" / "notebook_params.json"
 
 
 class CheckFailed(Exception):

@@ -13,7 +13,7 @@ from . import REPO, CheckFailed, SetupError, log
 from . import __doc__ as PACKAGE_DOC
 from .browser import FrontEndErrors, run_in_browser
 from .checks import drive, verdict_on_errors
-from .server import check_inputs, docs_images, free_port, jupyter_versions, prepare_notebook, small_params, \
+from .server import check_inputs, docs_images, free_port, jupyter_versions, prepare_notebook, check_params, \
     start_jupyter, stop
 
 
@@ -31,7 +31,7 @@ def run_check(args) -> dict:
                          "python3 -m venv /tmp/jlvenv && /tmp/jlvenv/bin/pip install playwright") from exc
     out, python, art = check_inputs(args)
 
-    params = small_params()
+    params = check_params()
     params["INTERACTIVE"] = True
     work = Path(tempfile.mkdtemp(prefix="check_explorer_"))
     nb_dir = work / "nb"

@@ -15,7 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from . import NOTEBOOK, PARAMS_FILE, CheckFailed, SetupError, log
+from . import NOTEBOOK, CheckFailed, SetupError, log
 
 PROBE_TAG = "check_explorer_jupyterlab: probe"
 PROBE = f'''# {PROBE_TAG} (kernel-side state of the explorer widgets)
@@ -44,7 +44,7 @@ def check_inputs(args) -> tuple[Path, Path, Path]:
     for need in ("patch_store", "02_pretraining/checkpoint.pt"):
         if not (out / need).exists():
             raise SetupError(f"{out / need} does not exist: run notebooks 00-02 into {out} first "
-                             f"(python -m drasclr_lib.runner --out {out} --profile small --only 00 01 02)")
+                             f"(python -m drasclr_lib.runner --out {out} --only 00 01 02)")
     if not Path(args.chromium).exists():
         raise SetupError(f"Chromium not found at {args.chromium} (apt-get install -y chromium)")
     python = Path(os.path.abspath(args.python))  # not resolve(): a venv python is a symlink
@@ -57,19 +57,13 @@ def check_inputs(args) -> tuple[Path, Path, Path]:
     return out, python, art
 
 
-def small_params() -> dict:
-    """Notebook 03's entry of the ``small`` profile in drasclr_lib/notebook_params.json.
+def check_params() -> dict:
+    """The parameters the check adds to notebook 03's copy: only ``INTERACTIVE = True``.
 
-    Read as JSON, not imported, so this runs where drasclr_lib is not importable (the Playwright
-    environment).
-
-    Raises:
-        SetupError: when the file or the entry is missing.
+    The notebook otherwise runs as committed (the laptop profile, as CI and ``make demo`` run it);
+    nothing of drasclr_lib is imported here (this runs in the Playwright environment).
     """
-    try:
-        return dict(json.loads(PARAMS_FILE.read_text())["small"]["03_embeddings"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise SetupError(f"no small-profile parameters of 03_embeddings in {PARAMS_FILE}: {exc!r}") from exc
+    return {"INTERACTIVE": True}
 
 
 def prepare_notebook(dst_dir: Path, params: dict, inject_error: bool) -> Path:

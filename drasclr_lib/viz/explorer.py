@@ -42,12 +42,20 @@ __all__ = [
 
 # -- similarity -------------------------------------------------------------------------------
 def cosine_to(vectors: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each row of ``vectors (M, D)`` to ``query (D,)``: (M,) in [-1, 1]."""
+    """Cosine similarity of each row of ``vectors (M, D)`` to ``query (D,)``: (M,) in [-1, 1].
+
+    A row that is not finite (a patch outside the scan's field of view embeds as NaN) gets NaN,
+    and so does every row when the query is not finite; a zero vector gets 0."""
     v = np.asarray(vectors, dtype=np.float64)
     q = np.asarray(query, dtype=np.float64)
+    if not np.isfinite(q).all():
+        return np.full(len(v), np.nan)
+    finite = np.isfinite(v).all(axis=1)
+    v = np.where(finite[:, None], v, 0.0)
     denom = np.linalg.norm(v, axis=1) * np.linalg.norm(q)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(denom > 0, v @ q / np.where(denom > 0, denom, 1.0), 0.0)
+        sims = np.where(denom > 0, v @ q / np.where(denom > 0, denom, 1.0), 0.0)
+    return np.where(finite, sims, np.nan)
 
 
 def similar_subjects(h: np.ndarray, subject: int, loc: int, n: int = 3):
@@ -61,10 +69,12 @@ def similar_subjects(h: np.ndarray, subject: int, loc: int, n: int = 3):
 
     Returns:
         ``(most, least)``: lists of ``(subject_index, cosine)``, most similar first / least
-        similar first.
+        similar first. Subjects whose patch there is invalid (NaN, outside the field of view) are
+        left out; both lists are empty when the query patch itself is invalid.
     """
     sims = cosine_to(h[:, loc], h[subject, loc])
-    others = np.array([i for i in np.argsort(-sims, kind="stable") if i != subject], dtype=np.int64)
+    others = np.array([i for i in np.argsort(-sims, kind="stable") if i != subject and np.isfinite(sims[i])],
+                      dtype=np.int64)
     n = min(n, len(others))
     most = [(int(i), float(sims[i])) for i in others[:n]]
     least = [(int(i), float(sims[i])) for i in others[::-1][:n]]

@@ -77,6 +77,19 @@ def test_similarity_helpers():
     assert sl[0, 0] == 5.0 and sl[3, 3] == 6.0 and sl[5, 5] == 7.0 and np.isnan(sl[0, 5])
 
 
+def test_similarity_leaves_out_patches_embedded_as_nan():
+    """Patches outside the field of view embed as NaN: no similarity, never among the most/least similar."""
+    v = np.array([[1.0, 0], [np.nan, np.nan], [0, 0]])
+    sims = cosine_to(v, np.array([1.0, 0]))
+    assert sims[0] == 1 and np.isnan(sims[1]) and sims[2] == 0
+    assert np.isnan(cosine_to(v, np.array([np.nan, 0]))).all()
+    h = np.zeros((4, 1, 2))
+    h[:, 0] = [[1, 0], [np.nan, np.nan], [0, 1], [-1, 0]]
+    most, least = similar_subjects(h, 0, 0, n=3)
+    assert [i for i, _ in most] == [2, 3] and [i for i, _ in least] == [3, 2]
+    assert similar_subjects(h, 1, 0, n=2) == ([], [])
+
+
 def test_static_figure_and_show(ct_store, tmp_path):
     ex = PatchExplorer(_emb(ct_store), ct_store, subject=ct_store.sids[2], n_similar=1)
     fig = ex.figure(loc=1)

@@ -48,12 +48,16 @@ def test_06_released_weights(notebook_out):
     assert m["n_failed"] == 0 and m["n_subjects"] == store.num_subjects == n
     assert m["reg_dice_min"] > 0.75, m["reg_dice_min"]  # measured 0.85 for both subjects (adult atlas, small body)
 
-    # every patch embedded, all finite
-    assert m["n_locations"] == 581 and m["dim"] == 128 and m["finite_fraction"] == 1.0
+    # every patch embedded: finite exactly where the patch is at least half inside the scan (the demo-size
+    # synthetic bodies on the adult atlas leave a patch or two mostly outside, which embed as NaN)
+    assert m["n_locations"] == 581 and m["dim"] == 128
     emb = EmbeddingSet.load(out / "embeddings.npz")
-    assert emb.h.shape == (n, 581, 128) and np.isfinite(emb.h).all() and emb.sids == store.sids
+    assert emb.h.shape == (n, 581, 128) and emb.sids == store.sids
+    valid = store.valid_mask()
+    assert np.array_equal(np.isfinite(emb.h).all(-1), valid) and not np.isfinite(emb.h[~valid]).any()
+    assert m["finite_fraction"] == m["valid_fraction"] == valid.mean() > 0.95
     # subjects differ: the stand-in's BatchNorm is calibrated (initial statistics give near-constant h)
-    assert m["subject_spread"] > 1e-3 and np.isclose(m["subject_spread"], emb.h.std(axis=0).mean(), rtol=1e-4)
+    assert m["subject_spread"] > 1e-3 and np.isclose(m["subject_spread"], np.nanmean(emb.h.std(axis=0)), rtol=1e-4)
 
     # the stand-in is a checkpoint in the released layout, and it is noted as such everywhere
     assert m["stand_in"] is True and "stand-in" in m["weights"] and emb.meta["stand_in"] is True

@@ -28,6 +28,7 @@ small variance of each test fold, the pooled one is not.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -184,26 +185,23 @@ def _embedding_arrays(embeddings: Mapping[str, Any], sids: list[str]) -> dict[st
     return out
 
 
-def _drop_unscanned(subject_X: dict[str, np.ndarray], targets: dict, sids: list[str]) -> dict:
+def _drop_unscanned(subject_X: dict[str, np.ndarray], targets: dict, sids: list[str]) -> tuple[dict, dict]:
     """Leave out of every subject-level task the subjects some method has no features for.
 
     A subject whose patches are all invalid (outside the scan's field of view) pools to a NaN row;
     such a subject gets NaN labels for every method (so the methods are still compared on the same
     subjects) and a zero feature row that no fold then uses. Patch-level tasks skip NaN patches
-    themselves.
+    themselves. Returns ``(subject_X, targets)``, the inputs themselves when every subject has features.
     """
     bad = np.zeros(len(sids), dtype=bool)
     for X in subject_X.values():
         bad |= ~np.isfinite(X).all(axis=1)
     if not bad.any():
-        return targets
-    import warnings
-
+        return subject_X, targets
     names = ", ".join(s for s, b in zip(sids, bad) if b)
     warnings.warn(f"{int(bad.sum())} subject(s) have no valid patch (outside the field of view) and are left out of "
                   f"the subject-level tasks: {names}", stacklevel=3)
-    for m, X in subject_X.items():
-        subject_X[m] = np.where(bad[:, None], 0.0, X)
+    features = {m: np.where(bad[:, None], 0.0, X) for m, X in subject_X.items()}
     out = {}
     for task, y in targets.items():
         if isinstance(y, tuple):  # survival: (time, event)
@@ -212,7 +210,7 @@ def _drop_unscanned(subject_X: dict[str, np.ndarray], targets: dict, sids: list[
             out[task] = np.where(bad, np.nan, np.asarray(y, dtype=np.float64))
         else:  # patch-level targets (subtype) skip invalid patches on their own
             out[task] = y
-    return out
+    return features, out
 
 
 def run_downstream(
@@ -294,7 +292,7 @@ def run_downstream(
     for m, h in H.items():
         subject_X[m] = pool_subjects(h, pool)
         patch_X[m] = h
-    targets = _drop_unscanned(subject_X, targets, sids)
+    subject_X, targets = _drop_unscanned(subject_X, targets, sids)
     kinds = {t.name: t.kind for t in tasks}
     subtype = any(kinds[t] == "subtype" for t in targets)
     y_sub = subtype_targets(store, sids, threshold=subtype_threshold) if subtype else None

@@ -50,14 +50,8 @@ def _num(value) -> float:
         return float("nan")
 
 
-def _field(rec, name: str):
-    """A record field that older :class:`SubjectRecord` versions keep in ``extra`` (None when absent)."""
-    value = getattr(rec, name, None)
-    return rec.extra.get(name) if value is None and isinstance(getattr(rec, "extra", None), dict) else value
-
-
 def _record_reasons(rec) -> list[str]:
-    reasons = _field(rec, "qc_reasons")
+    reasons = rec.qc_reasons
     if reasons is not None:
         return split_reasons(list(reasons))
     if rec.qc_pass is False:  # an older store: the only failing check was the registration Dice
@@ -67,17 +61,10 @@ def _record_reasons(rec) -> list[str]:
     return []
 
 
-def _fov_fractions(store, rec) -> np.ndarray:
+def _fov_fractions(store, sid: str) -> np.ndarray:
     """(L,) fraction of each patch inside the scanned volume; 1.0 where the store has none."""
-    values = _field(rec, "patch_fov_fraction")
-    if values is None:
-        return np.ones(store.num_locations, dtype=np.float32)
-    return np.asarray(values, dtype=np.float32)
-
-
-def _min_fov(store) -> float:  # the store's invalid-patch threshold (0.5 for stores before it existed)
-    value = getattr(store, "min_patch_fov", None)
-    return 0.5 if value is None else float(value)
+    values = store.patch_values(sid, "patch_fov_fraction")
+    return np.ones(store.num_locations, dtype=np.float32) if values is None else values
 
 
 def subject_rows(store) -> pd.DataFrame:
@@ -97,18 +84,17 @@ def subject_rows(store) -> pd.DataFrame:
 
     store = store if isinstance(store, PatchStore) else PatchStore(store)
     rows = []
-    threshold = _min_fov(store)
     for sid in store.sids:
         rec = store.record(sid)
         reasons = _record_reasons(rec)
         failing = sum(parse_reason(r)[0] in FAILING_REASONS for r in reasons)
-        fov = _fov_fractions(store, rec)
+        fov = _fov_fractions(store, sid)
         qc_pass = rec.qc_pass if rec.qc_pass is not None else failing == 0
         rows.append({"sid": sid, "qc_pass": bool(qc_pass), "qc_reasons": reasons, "n_failing": int(failing),
                      "n_warnings": len(reasons) - int(failing),
-                     "fov_lung_coverage": _num(_field(rec, "fov_lung_coverage")),
+                     "fov_lung_coverage": _num(rec.fov_lung_coverage),
                      "mean_patch_inside": float(np.mean(fov)) if fov.size else float("nan"),
-                     "n_invalid_patches": int(np.count_nonzero(fov < threshold)),
+                     "n_invalid_patches": int(np.count_nonzero(~store.valid_patches(sid))),
                      "reg_dice": _num(rec.reg_dice), "lung_volume_l": _num(rec.lung_volume_l),
                      "laa950": _num(rec.laa950), "image": _image_path(store, sid, rec)})
     df = pd.DataFrame(rows, columns=[c for c in _COLUMNS if c != "rank"])
@@ -151,13 +137,14 @@ def _planes(store, sid: str, rec) -> dict:
         cannot be read (the error text is under ``error``).
     """
     from drasclr_lib.preprocess.io import read_ct
+    from drasclr_lib.preprocess.resample import fov_mask
 
     grid = store.subject_grid(sid)
     size = np.array(grid.GetSize())
     P = store.patch_size
     corners = store.corners(sid, atlas_fallback=True)
     centres = corners + P / 2.0
-    seen = _fov_fractions(store, rec) >= _min_fov(store)
+    seen = store.valid_patches(sid)
     if seen.any():  # planes through the scanned patches
         centres = centres[seen]
     centre = np.median(centres, axis=0)
@@ -187,8 +174,7 @@ def _planes(store, sid: str, rec) -> dict:
             continue
         hu = sitk.GetArrayFromImage(sitk.Resample(native, slab, sitk.Transform(), sitk.sitkLinear, -1024.0,
                                                   sitk.sitkFloat32))
-        inside = sitk.GetArrayFromImage(sitk.Resample(native * 0 + 1, slab, sitk.Transform(),
-                                                      sitk.sitkNearestNeighbor, 0.0)) > 0
+        inside = sitk.GetArrayFromImage(fov_mask(native, slab)) > 0  # the pipeline's own field of view
         # (k, j, i) array of a slab -> 2D image, superior up for coronal / sagittal
         squeeze = {0: lambda a: a[:, :, 0][::-1], 1: lambda a: a[:, 0, :][::-1], 2: lambda a: a[0]}[axis]
         out[name] = (squeeze(hu), squeeze(inside))
@@ -219,7 +205,7 @@ def qc_figure(store, subject, *, title: str | None = None):
     sid = store.sids[store.index(subject)]
     rec = store.record(sid)
     reasons = _record_reasons(rec)
-    fov = _fov_fractions(store, rec)
+    fov = _fov_fractions(store, sid)
     P = store.patch_size
     corners = store.corners(sid, atlas_fallback=True)
     planes = _planes(store, sid, rec)

@@ -128,6 +128,26 @@ def test_airway_wall_lowers_fev1_without_changing_laa950(tmp_path):
     assert abs(thick["emph_fraction"] - thin["emph_fraction"]) < 0.1 * thin["emph_fraction"]
 
 
+def test_mucus_plugging_is_drawn_lowers_fev1_and_barely_changes_laa950(tmp_path):
+    m0, clear = _one(tmp_path, "clear", severity=0.35, airway_wall=0.3, mucus_plugging=0.0)
+    m1, plugged = _one(tmp_path, "plugged", severity=0.35, airway_wall=0.3, mucus_plugging=1.0)
+    assert plugged["mucus_plugging"] == 1.0 and clear["mucus_plugging"] == 0.0
+    assert plugged["FEV1pp"] < clear["FEV1pp"] - 20
+    assert plugged["FEV1_FVC"] < clear["FEV1_FVC"]
+    assert abs(plugged["laa950"] - clear["laa950"]) < 0.1 * clear["laa950"] + 0.3
+    assert abs(plugged["emph_fraction"] - clear["emph_fraction"]) < 0.1 * clear["emph_fraction"]
+    # drawn in the image: plugged lumens and tree-in-bud nodules add soft tissue inside the lung,
+    # at the size of distal airways (a few mm), not as a global density shift
+    hu0, lung0 = _load(m0, clear, "image"), _load(m0, clear, "lung_mask") > 0
+    hu1, lung1 = _load(m1, plugged, "image"), _load(m1, plugged, "lung_mask") > 0
+    soft0, soft1 = np.mean(hu0[lung0] > -300), np.mean(hu1[lung1] > -300)
+    assert soft1 > soft0 + 0.002, (soft0, soft1)
+    changed = (hu1 != hu0) & lung0 & lung1
+    normal = lung0 & lung1 & (np.abs(hu1.astype(int) - hu0) < 50)
+    assert normal.mean() > 0.5 * (lung0 & lung1).mean(), "mucus plugging changed most of the lung"
+    assert changed.any()
+
+
 def test_clinical_rules(cohort):
     _, df = cohort
     assert np.array_equal(df["GOLD"].to_numpy(), gold_stage(df["FEV1pp"], df["FEV1_FVC"]))
@@ -200,3 +220,9 @@ def test_survival_model_has_events_and_follows_disease():
     assert 0.2 < event.mean() < 0.7
     high = burden > np.median(burden)
     assert event[high].mean() > event[~high].mean() + 0.1
+
+
+def test_healthy_fraction_zero_and_one_are_honoured():
+    specs = [sample_spec(5, i, SMALL, SPACING, healthy_fraction=h)[1]["severity"] for h in (0.0, 1.0) for i in range(40)]
+    assert min(specs[:40]) > 0, "healthy_fraction=0 still drew healthy subjects"
+    assert max(specs[40:]) == 0

@@ -13,22 +13,22 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from drasclr_lib.data.synthetic.anatomy import Geometry
-from drasclr_lib.data.synthetic.clinical import clinical_table_row, emphysema_targets, sample_latents
+from drasclr_lib.data.synthetic.clinical import COEF, clinical_table_row, emphysema_targets, sample_latents
 from drasclr_lib.data.synthetic.render import SubjectSpec, render_subject
 from drasclr_lib.utils import atomic_path, load_json, save_json
 
 __all__ = ["make_cohort", "cli_main", "resolve_size", "sample_spec", "generate_subject", "MANIFEST_COLUMNS", "SIZES"]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 #: named sizes -> scale of the adult template (demo: body ~215 mm wide, lungs ~175 x 160 mm)
 SIZES = {"demo": 0.68, "adult": 1.0}
 FOLDERS = {"image": "images", "lung_mask": "lung_masks", "label_map": "labels", "lobe_map": "lobes"}
 MANIFEST_COLUMNS = ["sid", "image", "lung_mask", "label_map", "lobe_map", "FEV1pp", "FEV1_FVC", "GOLD", "emph_grade",
                     "paraseptal_grade", "age", "sex", "pack_years", "time", "event", "split", "emph_fraction",
                     "emph_centrilobular", "emph_panlobular", "emph_paraseptal", "severity", "airway_wall",
-                    "w_centrilobular", "w_panlobular", "w_paraseptal", "laa950", "lung_volume_ml", "mean_lung_hu",
+                    "mucus_plugging", "w_centrilobular", "w_panlobular", "w_paraseptal", "laa950", "lung_volume_ml", "mean_lung_hu",
                     "inspiration", "noise_hu", "hu_offset", "scale", "seconds"]
-DISEASE_OPTIONS = {"severity", "airway_wall", "healthy_fraction", "subtype_mix"}
+DISEASE_OPTIONS = {"severity", "airway_wall", "mucus_plugging", "healthy_fraction", "subtype_mix"}
 
 
 def resolve_size(size) -> float:
@@ -48,7 +48,7 @@ def _check_options(opts: dict) -> dict:
     unknown = set(opts) - DISEASE_OPTIONS
     if unknown:
         raise TypeError(f"unknown disease option(s) {sorted(unknown)}; allowed: {sorted(DISEASE_OPTIONS)}")
-    for key in ("severity", "airway_wall", "healthy_fraction"):
+    for key in ("severity", "airway_wall", "mucus_plugging", "healthy_fraction"):
         v = opts.get(key)
         if v is not None and not 0.0 <= float(v) <= 1.0:
             raise ValueError(f"{key} must be in [0, 1] or None, got {v}")
@@ -81,12 +81,15 @@ def sample_spec(seed: int, index: int, scale: float, spacing, **options) -> tupl
     """
     ss = np.random.SeedSequence([int(seed), int(index)])
     r_lat, r_anat, r_clin = (np.random.default_rng(s) for s in ss.spawn(3))
-    lat = sample_latents(r_lat, healthy_fraction=options.get("healthy_fraction") or 0.25)
+    hf = options.get("healthy_fraction")
+    lat = sample_latents(r_lat, healthy_fraction=0.25 if hf is None else float(hf))
     lat["split_u"] = float(r_lat.random())
     if options.get("severity") is not None:
         lat["severity"] = float(options["severity"])
     if options.get("airway_wall") is not None:
         lat["airway_wall"] = float(options["airway_wall"])
+    if options.get("mucus_plugging") is not None:
+        lat["mucus_plugging"] = float(options["mucus_plugging"])
     if options.get("subtype_mix") is not None:
         lat["w_centrilobular"], lat["w_panlobular"], lat["w_paraseptal"] = options["subtype_mix"]
     male = lat["sex"] == "M"
@@ -106,14 +109,15 @@ def sample_spec(seed: int, index: int, scale: float, spacing, **options) -> tupl
                        parenchyma_hu=float(-852 - 22 * ins + 12 * (u2[0] - 0.5)), gradient_hu=15 + 20 * u2[1],
                        texture_hu=16 + 10 * u2[2], noise_hu=10 + 18 * u2[3], recon_sigma_mm=0.35 + 0.35 * u2[4],
                        hu_offset=40 * u2[5] - 20, pruning=float(np.clip(f_pl / 0.12, 0, 1)),
-                       seed=int(r_anat.integers(2**31)))
+                       seed=int(r_anat.integers(2**31)), mucus_plugging=lat["mucus_plugging"])
     lat["inspiration"] = float(ins)
     return spec, lat, r_clin
 
 
 def _config(seed, index, scale, spacing, options) -> dict:
     return {"version": GENERATOR_VERSION, "seed": int(seed), "index": int(index), "scale": float(scale),
-            "spacing": [float(s) for s in spacing], "options": {k: options[k] for k in sorted(options)}}
+            "spacing": [float(s) for s in spacing], "options": {k: options[k] for k in sorted(options)},
+            "clinical": dict(COEF)}  # other coefficients, other labels: an existing subject is not reused
 
 
 def _sid(index: int) -> str:
@@ -162,7 +166,7 @@ def generate_subject(out_dir, seed: int, index: int, scale: float, spacing, opti
     rec.update(clinical_table_row(lat, st, r_clin))
     rec.update({k: st[k] for k in ("emph_fraction", "emph_centrilobular", "emph_panlobular", "emph_paraseptal",
                                    "laa950", "lung_volume_ml", "mean_lung_hu")})
-    rec.update({k: lat[k] for k in ("severity", "airway_wall", "w_centrilobular", "w_panlobular", "w_paraseptal",
+    rec.update({k: lat[k] for k in ("severity", "airway_wall", "mucus_plugging", "w_centrilobular", "w_panlobular", "w_paraseptal",
                                     "inspiration", "split_u")})
     rec.update({"noise_hu": spec.noise_hu, "hu_offset": spec.hu_offset, "scale": scale,
                 "seconds": round(time.perf_counter() - t0, 3), "config": _config(seed, index, scale, spacing, options)})
@@ -210,7 +214,7 @@ def make_cohort(out_dir, n_subjects: int = 24, seed: int = 0, *, size="demo", sp
     emph_grade, paraseptal_grade, age, sex, pack_years, time, event, split, emph_fraction,
     emph_centrilobular, emph_panlobular, emph_paraseptal`` (fractions of lung voxels, measured on
     the label map), the latents ``severity`` (0..1 emphysema severity), ``airway_wall`` (0..1
-    airway wall thickening), ``w_*`` (subtype mixture weights), ``inspiration`` (-1..1), and
+    airway wall thickening), ``mucus_plugging`` (0..1 share of distal airways plugged), ``w_*`` (subtype mixture weights), ``inspiration`` (-1..1), and
     measurements ``laa950`` (% lung voxels < -950 HU in the written image), ``lung_volume_ml``,
     ``mean_lung_hu``, ``noise_hu``, ``hu_offset``, ``scale``, ``seconds`` (generation time). The
     clinical model is documented in :mod:`drasclr_lib.data.synthetic.clinical`.
@@ -229,7 +233,7 @@ def make_cohort(out_dir, n_subjects: int = 24, seed: int = 0, *, size="demo", sp
         overwrite: regenerate subjects that already exist.
         progress: show a tqdm bar.
         **disease_options: ``severity`` (fix every subject's severity, 0..1), ``airway_wall``
-            (fix the airway wall thickening, 0..1), ``healthy_fraction`` (share of subjects
+            (fix the airway wall thickening, 0..1), ``mucus_plugging`` (fix the plugging, 0..1), ``healthy_fraction`` (share of subjects
             without emphysema, default 0.25), ``subtype_mix`` (3 weights cl, pl, ps).
 
     Returns:

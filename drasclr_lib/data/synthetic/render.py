@@ -43,6 +43,10 @@ class SubjectSpec:
         spacing: voxel size (mm, x y z).
         f_centrilobular, f_panlobular, f_paraseptal: target fractions of lung voxels per subtype.
         airway_wall: 0..1 airway wall thickening (non-emphysema disease).
+        mucus_plugging: 0..1 probability that a distal airway (template radius < 2.5 mm) is plugged:
+            its lumen is filled with mucus (soft tissue instead of air) and a 1.5-2.5 mm nodule sits
+            at its end (tree-in-bud). Small-airway disease that a 32 mm patch shows but that barely
+            changes %LAA-950.
         parenchyma_hu: mean HU of normal parenchyma (inspiration dependent).
         gradient_hu: dependent (posterior) minus mid-lung density difference.
         texture_hu: standard deviation of the parenchymal texture.
@@ -67,6 +71,7 @@ class SubjectSpec:
     hu_offset: float
     pruning: float
     seed: int
+    mucus_plugging: float = 0.0
 
 
 def _grid(spacing, scale):
@@ -284,6 +289,7 @@ def render_subject(spec: SubjectSpec) -> dict:
     hila_pa = {1: np.array([38.0, 2.0, 140.0]), 2: np.array([-44.0, 0.0, 137.0])}
     hila_pv = {1: np.array([40.0, 12.0, 112.0]), 2: np.array([-44.0, 10.0, 106.0])}
     pts_by_side = {}
+    n_plugged = 0
     for s_ in (1, 2):
         pts = sample_lung_points(g, s_, 1100, rng)
         pts_by_side[s_] = pts
@@ -305,7 +311,13 @@ def render_subject(spec: SubjectSpec) -> dict:
             else:
                 lum = 0.85 * r
                 _raster_tubes(aw_out, borigin, sp, p0, p1, lum + (0.2 * lum + 0.35 * rs) * wall_f)
-                _raster_tubes(aw_lum, borigin, sp, p0, p1, lum)
+                # mucus plugging: distal lumens filled, a tree-in-bud nodule at each plugged end
+                # (the draws happen for every subject, so mucus_plugging = 0 leaves the rest unchanged)
+                u_plug, r_bud = rng.random(len(segs)), rng.uniform(1.5, 2.5, len(segs)) * rs
+                plugged = (segs[:, 6] < 2.5) & (u_plug < spec.mucus_plugging)
+                _raster_tubes(aw_lum, borigin, sp, p0[~plugged], p1[~plugged], lum[~plugged])
+                _raster_tubes(aw_out, borigin, sp, p1[plugged], p1[plugged], r_bud[plugged])
+                n_plugged += int(plugged.sum())
 
     # paraseptal: subpleural bullae in the upper two thirds
     if spec.f_paraseptal > 0:
@@ -377,6 +389,7 @@ def render_subject(spec: SubjectSpec) -> dict:
     }
     stats["vessel_fraction"] = float((vessel > 0.5)[blung].mean())
     stats["airway_fraction"] = float((aw_out > 0.5)[blung].mean())
+    stats["plugged_airways"] = n_plugged
     stats["emph_fraction"] = stats["emph_centrilobular"] + stats["emph_panlobular"] + stats["emph_paraseptal"]
     return {"image": image, "lung_mask": lung_mask, "label_map": label_map, "lobe_map": lobe_map,
             "affine": affine, "stats": stats}

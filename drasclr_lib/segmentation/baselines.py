@@ -78,13 +78,16 @@ def lung_depth_patches(store: PatchStore, subject: int | str, lung_mask_path: st
 
     grid, corners = store.subject_grid(subject), store.corners(subject)
     lung = sitk.GetArrayFromImage(on_subject_grid(lung_mask_path, grid, kind="label")) > 0
-    depth = np.zeros(lung.shape, np.float32)
-    if lung.any():  # the distance on the lung's bounding box with one voxel of background around it
-        box = ndimage.find_objects(lung.astype(np.uint8))[0]
-        inner = ndimage.distance_transform_edt(np.pad(lung[box], 1), sampling=grid.GetSpacing()[::-1])
-        depth[box] = inner[1:-1, 1:-1, 1:-1]
     P = store.patch_size
-    return cut_patches(lung, corners, P, False)[0], cut_patches(depth, corners, P, 0.0)[0]
+    lung_p = cut_patches(lung, corners, P, False)[0]
+    if not lung.any():
+        return lung_p, np.zeros(lung_p.shape, np.float32)
+    # the distance on the lung's bounding box with one voxel of background around it (not the
+    # whole padded grid: a paper-size grid would need GBs), patches cut from there
+    box = ndimage.find_objects(lung.astype(np.uint8))[0]
+    depth = ndimage.distance_transform_edt(np.pad(lung[box], 1), sampling=grid.GetSpacing()[::-1]).astype(np.float32)
+    start_ijk = np.array([sl.start - 1 for sl in box[::-1]])  # grid index of depth[0, 0, 0], (i, j, k)
+    return lung_p, cut_patches(depth, np.asarray(corners) - start_ijk, P, 0.0)[0]
 
 
 def baseline_dice(store: PatchStore, subjects: Sequence, *, rule: str, num_classes: int = 2,

@@ -9,8 +9,8 @@ panlobular). Notebook 05 draws them beside the label-efficiency curves.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -18,7 +18,7 @@ import pandas as pd
 from drasclr_lib.data.patch_store import PatchStore, cut_patches
 from drasclr_lib.segmentation.train import candidate_pairs, dice_scores, lung_patches, patch_targets
 
-__all__ = ["baseline_dice", "rule_prediction", "RULES", "PLEURA_MM", "superior_axis", "lung_depth_patches"]
+__all__ = ["PLEURA_MM", "RULES", "baseline_dice", "lung_depth_patches", "rule_prediction", "superior_axis"]
 
 #: The rules :func:`baseline_dice` knows.
 RULES = ("background", "all_lung", "laa950", "laa950_position")
@@ -47,7 +47,8 @@ def superior_axis(store: PatchStore) -> tuple[int, float]:
     return axis, float(np.sign(direction[2, axis]))
 
 
-def lung_depth_patches(store: PatchStore, subject: int | str, lung_mask_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def lung_depth_patches(store: PatchStore, subject: int | str,
+                       lung_mask_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """The subject's lung mask and each lung voxel's depth below the lung surface, cut at its patches.
 
     The mask is put on the subject's padded 1 mm grid exactly as

@@ -35,7 +35,7 @@ def subtype_store(tmp_path_factory):
 
 def test_position_rule_separates_the_subtypes(subtype_store):
     store, masks = subtype_store
-    kw = dict(num_classes=4, lung_masks=masks)
+    kw = {"num_classes": 4, "lung_masks": masks}
     laa = bl.baseline_dice(store, store.sids, rule="laa950", **kw)
     pos = bl.baseline_dice(store, store.sids, rule="laa950_position", **kw)
     assert list(pos.columns) == list(laa.columns) == ["sid", "dice", "dice_centrilobular", "dice_panlobular",

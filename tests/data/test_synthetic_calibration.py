@@ -62,3 +62,14 @@ def test_density_explains_part_of_fev1_and_the_visible_disease_more(cohort_table
     assert rep["cox_subtypes"]["p"] < 0.05, rep["cox_subtypes"]
     hr = rep["cox_subtypes"]["hr_per_sd"]
     assert hr["emph_panlobular"] > hr["emph_paraseptal"], hr
+
+
+def test_fev1pp_is_the_documented_model_plus_its_noise(cohort_table):
+    from drasclr_lib.data.synthetic.clinical import COEF, expected_fev1pp
+
+    inside = cohort_table["FEV1pp"].between(12.5, 129.5)  # not clipped
+    noise = (cohort_table["FEV1pp"] - expected_fev1pp(cohort_table))[inside]
+    assert abs(noise.mean()) < 3 and 0.75 * COEF["fev1_sd"] < noise.std() < 1.25 * COEF["fev1_sd"], noise.describe()
+    # the mucus term is part of the model: leaving it out shifts the residual by 40 x mean(m)
+    wrong = (cohort_table["FEV1pp"] - expected_fev1pp(cohort_table, {"fev1_m": 0.0}))[inside]
+    assert wrong.mean() < -5

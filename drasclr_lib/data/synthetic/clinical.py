@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["sample_latents", "clinical_table_row", "COEF", "ORACLE_COLUMNS", "gold_stage", "EMPH_GRADE_BINS", "PARASEPTAL_GRADE_BINS"]
+__all__ = ["sample_latents", "clinical_table_row", "expected_fev1pp", "COEF", "ORACLE_COLUMNS", "gold_stage", "EMPH_GRADE_BINS", "PARASEPTAL_GRADE_BINS"]
 
 #: emphysema percent thresholds of the visual grades 1..5
 EMPH_GRADE_BINS = (0.5, 3.0, 8.0, 15.0, 25.0)
@@ -113,6 +113,23 @@ COEF = {
 #: the generator's latent ground truth that drives the labels (the benchmark's "oracle" features)
 ORACLE_COLUMNS = ("emph_centrilobular", "emph_panlobular", "emph_paraseptal", "airway_wall", "mucus_plugging",
                   "age")
+
+
+def expected_fev1pp(table, coef: dict | None = None) -> np.ndarray:
+    """FEV1pp without its noise (and without the clipping), from a manifest's ground-truth columns.
+
+    Args:
+        table: the manifest (DataFrame or mapping of arrays) with ``emph_centrilobular``,
+            ``emph_panlobular``, ``emph_paraseptal``, ``airway_wall``, ``mucus_plugging``.
+        coef: coefficients (default :data:`COEF`).
+
+    Returns:
+        (N,) the model's FEV1 % predicted before noise: what a perfect reading of the image gives.
+    """
+    c = {**COEF, **(coef or {})}
+    col = lambda k: np.asarray(table[k], float)  # noqa: E731
+    burden = col("emph_centrilobular") + c["k_pl"] * col("emph_panlobular") + c["k_ps"] * col("emph_paraseptal")
+    return c["fev1_0"] - c["fev1_E"] * burden - c["fev1_a"] * col("airway_wall") - c["fev1_m"] * col("mucus_plugging")
 
 
 def clinical_table_row(latents: dict, measured: dict, rng: np.random.Generator, coef: dict | None = None) -> dict:

@@ -353,15 +353,16 @@ def plot_segmentation(seg, path: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.quick:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.quick:  # the quick values, except where the command line set another
         for k, v in QUICK.items():
-            setattr(args, k, v)
+            if getattr(args, k) == parser.get_default(k):
+                setattr(args, k, v)
 
     import matplotlib
 
     matplotlib.use("Agg")
-    import numpy as np
     from tqdm.auto import tqdm
 
     from drasclr_lib.data.patch_store import PatchStore

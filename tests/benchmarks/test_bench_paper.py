@@ -104,3 +104,27 @@ def test_bench_paper_tiny(paper_store, tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(results / "per_fold.csv"), pf)
     info2 = json.loads((results / "paper.json").read_text(encoding="utf-8"))
     assert info2["timings_s"]["pretrain"] < 5 and info2["timings_s"]["downstream"] < 5
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_paper", ROOT / "benchmarks" / "bench_paper.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_oracle_columns_follow_the_generator(monkeypatch):
+    """The oracle takes the generator's own list when it has one, else the documented default."""
+    from drasclr_lib.data.synthetic import clinical
+
+    bench = _bench_module()
+    table = pd.DataFrame(columns=["sid", "airway_wall", "age", "emph_panlobular", "texture"])
+    monkeypatch.delattr(clinical, "ORACLE_COLUMNS", raising=False)
+    present, missing = bench.oracle_columns(table)
+    assert present == ["emph_panlobular", "airway_wall", "age"] and "mucus_plugging" in missing
+    monkeypatch.setattr(clinical, "ORACLE_COLUMNS", ("texture", "airway_wall", "gone"), raising=False)
+    assert bench.oracle_columns(table) == (["texture", "airway_wall"], ["gone"])
+    assert bench.split_name("qct+drasclr@2") == ("qct+drasclr", 2.0)
+    assert bench.split_name("qct")[0] == "qct" and np.isnan(bench.split_name("qct")[1])

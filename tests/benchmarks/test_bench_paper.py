@@ -68,6 +68,7 @@ def test_bench_paper_tiny(paper_store, tmp_path):
     assert pf[pf.method.isin(["qct", "oracle"])].seed.isna().all()
     assert {"FEV1pp", "GOLD", "survival", "subtype"} <= set(pf.task)
     assert not ((pf.method == "oracle") & (pf.task == "subtype")).any()
+    assert set(pf[pf.task == "subtype"].repeat) == {0}  # --subtype-repeats 1 (default): the costly task runs once
     assert (pf.n_test > 0).all() and (pf.n_train > pf.n_test).all()
     summary = pd.read_csv(results / "summary.csv")
     checked = 0

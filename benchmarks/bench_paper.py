@@ -48,15 +48,20 @@ Commands::
     python benchmarks/bench_paper.py --work /tmp/bench_paper_q --quick   # the same tables, small
     python benchmarks/bench_paper.py --work /tmp/bench_paper_s23 --cohort-seed 23   # another cohort
 
-Setting and budget. The default (150 subjects, 3 seeds x 3 pretrained methods at 150 steps of 32,
-3 x 5-fold CV, segmentation at 10 / 25 / 100 % of the labels with 2 seeds) is sized from measured
-per-unit costs on 2 CPU cores: cohort generation about 1-2 s per subject and core, preprocessing a
-few seconds per subject, a pretraining step of batch 32 about 1 s, embedding about 340 patches/s
-(``benchmarks/results/embed.json``); see the ``--quick`` stage times recorded in
-``benchmarks/results/paper/paper.json`` of the last run for what this checkout measured. The budget goes
-where it buys power: subjects (the corrected interval shrinks with n, barely with repeats),
-folds and repeats (cheap: no retraining), and seeds of the pretrained encoders; pretraining steps
-stay at one modest budget (``--max-steps``).
+Setting and budget. Default: 150 subjects (cohort seed 17, size demo), 3 seeds x 3 pretrained
+methods at 50 steps of batch 32 (+ 3 random encoders), 3 x 5-fold CV, segmentation at 10 / 25 /
+100 % of the labels with 1 seed of 60 steps. Measured: ``--quick`` (40 subjects, 2 seeds, 30 steps of
+16, 2 x 4-fold CV, 2 fractions x 1 seed of 30 steps) took 2246 s = 37 min on 2 CPU cores shared
+with three other jobs (load average 4-6): cohort 143 s, store 425 s, pretrain 629 s (a DrasCLR
+run about 230 s, a MoCo or no-neighbour run 10-30 s: the neighbour loss dominates), embed 363 s,
+downstream 165 s, segmentation 519 s, tables 2 s. Scaled per unit (subjects, seed x step x batch,
+encoders x subjects, splits, fine-tuning steps) the default projects to about 177 min at that load;
+the documented idle rates (cohort 1-2 s per subject and core, a step of 32 about 1 s) are roughly
+2.5x faster, which puts the default near 75 min and ``--quick`` near 15 min on 2 idle cores. Neither
+the default nor ``--quick`` on idle cores has been timed yet: rerun and correct these figures.
+The budget goes where it buys power: subjects (the corrected interval shrinks with n, barely with
+repeats), folds and repeats (cheap: no retraining) and seeds of the pretrained encoders;
+pretraining steps stay at one small budget (``--max-steps``).
 
 The patch-level subtype classifier dominates the downstream stage (measured in the ``--quick``
 run on a loaded machine: 87 of 97 s of one method's ``run_downstream``, about 22 s per fold at
@@ -104,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="demo", help="synthetic subject size ('demo', 'adult' or a scale)")
     p.add_argument("--store", default=None, help="an existing patch store instead of a synthetic cohort")
     p.add_argument("--seeds", type=int, default=3, help="pretraining seeds per method (and random encoders)")
-    p.add_argument("--max-steps", type=int, default=150, help="pretraining steps per run")
+    p.add_argument("--max-steps", type=int, default=50, help="pretraining steps per run")
     p.add_argument("--batch-size", type=int, default=32, help="pretraining batch (one location, many subjects)")
     p.add_argument("--lr", type=float, default=0.01, help="pretraining lr at batch 128, scaled to the batch")
     p.add_argument("--queue-size", type=int, default=4096, help="negatives per location (capped for small cohorts)")
@@ -116,8 +121,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--subtype-repeats", type=int, default=1,
                    help="repeats that run the patch-level subtype task (the first ones; it dominates the stage)")
     p.add_argument("--seg-fractions", default="0.1,0.25,1.0", help="label fractions of the segmentation")
-    p.add_argument("--seg-seeds", type=int, default=2, help="fine-tuning seeds per fraction and init")
-    p.add_argument("--seg-steps", type=int, default=100, help="fine-tuning steps per run")
+    p.add_argument("--seg-seeds", type=int, default=1, help="fine-tuning seeds per fraction and init")
+    p.add_argument("--seg-steps", type=int, default=60, help="fine-tuning steps per run")
     p.add_argument("--seg-batch", type=int, default=8, help="fine-tuning batch")
     p.add_argument("--seg-eval-patches", type=int, default=32, help="patches scored per test subject")
     p.add_argument("--seg-test-fraction", type=float, default=0.25, help="held-out share of subjects")

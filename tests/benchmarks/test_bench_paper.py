@@ -31,7 +31,8 @@ def paper_store(tmp_path_factory):
     finalize_store(root, pd.DataFrame({
         "sid": [f"toy{s:03d}" for s in range(16)],
         "FEV1pp": 100 - 60 * d + rng.normal(0, 5, 16), "FEV1_FVC": 0.8 - 0.3 * d + rng.normal(0, 0.03, 16),
-        "GOLD": np.round(4 * d), "emph_grade": np.round(3 * d), "paraseptal_grade": rng.integers(0, 2, 16).astype(float),
+        "GOLD": np.round(4 * d), "emph_grade": np.round(3 * d),
+        "paraseptal_grade": rng.integers(0, 2, 16).astype(float),
         "time": np.minimum(t_event, t_cens), "event": (t_event <= t_cens).astype(float),
         "airway_wall": rng.uniform(size=16), "age": 50 + 20 * d,
     }))
@@ -51,8 +52,9 @@ def _by_hand(values: pd.DataFrame) -> tuple[float, float]:
 @pytest.mark.slow
 def test_bench_paper_tiny(paper_store, tmp_path):
     results, work = tmp_path / "results", tmp_path / "work"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_paper.py"), "--store", str(paper_store), "--work", str(work),
-           "--results", str(results), "--seeds", "2", "--max-steps", "2", "--batch-size", "4", "--queue-size", "16",
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_paper.py"), "--store", str(paper_store),
+           "--work", str(work), "--results", str(results), "--seeds", "2", "--max-steps", "2", "--batch-size", "4",
+           "--queue-size", "16",
            "--repeats", "2", "--folds", "3", "--pca-components", "2", "--max-train-patches", "200",
            "--seg-fractions", "1.0", "--seg-seeds", "1", "--seg-steps", "2", "--seg-batch", "2",
            "--seg-eval-patches", "2", "--calibration-batches", "2", "--workers", "0", "--device", "cpu"]
@@ -73,7 +75,8 @@ def test_bench_paper_tiny(paper_store, tmp_path):
     summary = pd.read_csv(results / "summary.csv")
     checked = 0
     for row in summary.itertuples():
-        part = pf[(pf.method == row.method) & (pf.task == row.task) & (pf.metric == row.metric)].dropna(subset=["value"])
+        part = pf[(pf.method == row.method) & (pf.task == row.task) & (pf.metric == row.metric)]
+        part = part.dropna(subset=["value"])
         if part.empty:  # no fold could score it (an AUC without both classes in any test fold)
             assert np.isnan(row.mean)
             continue
@@ -85,7 +88,8 @@ def test_bench_paper_tiny(paper_store, tmp_path):
     assert checked > 20
     paired = pd.read_csv(results / "paired.csv")
     assert {("drasclr", "moco"), ("drasclr", "qct"), ("qct+drasclr", "qct")} <= set(zip(paired.a, paired.b))
-    row = paired[(paired.a == "drasclr") & (paired.b == "moco") & (paired.task == "FEV1pp") & (paired.metric == "r2")].iloc[0]
+    row = paired[(paired.a == "drasclr") & (paired.b == "moco") & (paired.task == "FEV1pp")
+                 & (paired.metric == "r2")].iloc[0]
     a = pf[(pf.method == "drasclr") & (pf.task == "FEV1pp") & (pf.metric == "r2")]
     b = pf[(pf.method == "moco") & (pf.task == "FEV1pp") & (pf.metric == "r2")]
     m = a.merge(b[["seed", "repeat", "fold", "value"]], on=["seed", "repeat", "fold"], suffixes=("", "_b"))

@@ -69,7 +69,8 @@ def test_summary_averages_seeds_within_each_split():
     cells = a.groupby(["repeat", "fold"]).value.mean().to_numpy()
     want = corrected_t_interval(cells, 30, 10)
     assert s.loc["a", "mean"] == pytest.approx(a.value.mean())
-    assert s.loc["a", "ci_low"] == pytest.approx(want["ci_low"]) and s.loc["a", "ci_high"] == pytest.approx(want["ci_high"])
+    assert s.loc["a", "ci_low"] == pytest.approx(want["ci_low"])
+    assert s.loc["a", "ci_high"] == pytest.approx(want["ci_high"])
     assert s.loc["a", "n_scores"] == 8 and s.loc["a", "n_splits"] == 4 and s.loc["a", "n_seeds"] == 2
     # seed means 1.075 and 1.275: SD 0.2 / sqrt(2)
     assert s.loc["a", "seed_sd"] == pytest.approx(0.2 / np.sqrt(2))

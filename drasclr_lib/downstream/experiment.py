@@ -24,6 +24,15 @@ fraction. The result table has one row per (method, task, metric) with the mean 
 deviation over the evaluated folds. ``r2_oof`` is the R² of the out-of-fold predictions pooled over
 all folds (one number, no SD): with a few subjects per fold the per-fold R² is dominated by the
 small variance of each test fold, the pooled one is not.
+
+Besides the patch embeddings, a run can compare subject-level feature sets given as arrays
+(``features=``, e.g. the synthetic generator's latent variables as an "oracle" ceiling: they
+enter every subject-level task, not the patch-level one) and compositions of methods
+(``compose={"qct+drasclr": ("qct", "drasclr")}``, :func:`compose_blocks`): how a clinical
+researcher adds a learned representation to density. The per-fold table records each fold's
+labelled training and test subjects (``n_train``, ``n_test``), which the corrected intervals of
+:mod:`drasclr_lib.downstream.stats` need. The file runs past 350 lines because the one function that
+guarantees "same folds for every method" has to own every kind of method it compares.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ __all__ = [
     "DownstreamResult",
     "run_downstream",
     "subject_qct_features",
+    "compose_blocks",
 ]
 
 METHOD_LABELS = {
@@ -74,7 +84,8 @@ class DownstreamResult:
     Attributes:
         table: one row per (method, task, metric): ``mean``, ``sd`` over folds, ``folds`` (number
             of folds scored) and ``n`` (labelled subjects, or labelled patches for ``subtype``).
-        per_fold: long table ``method, task, metric, fold, value``.
+        per_fold: long table ``method, task, metric, fold, value, n_train, n_test`` (labelled
+            subjects of the task in the fold's training and test part).
         sids: the N subjects, in the order of every array below.
         fold: (N,) test fold of each subject (the same for every method).
         time, event: (N,) survival data of the first survival task (NaN when there is none).
@@ -152,11 +163,15 @@ def _column(table: pd.DataFrame, sids: list[str], name: str) -> np.ndarray | Non
     return pd.to_numeric(table.loc[sids, name], errors="coerce").to_numpy(dtype=np.float64)
 
 
-def _summarise(method: str, task: str, scores: pd.DataFrame, metrics: list[str], n: int, rows: list, long: list):
+def _summarise(method: str, task: str, scores: pd.DataFrame, metrics: list[str], n: int, rows: list, long: list,
+               sizes: Mapping[int, tuple[int, int]] | None = None):
+    sizes = sizes or {}
     for metric in metrics:
         vals = scores[metric].to_numpy(dtype=np.float64) if len(scores) else np.array([])
         for f, v in zip(scores["fold"] if len(scores) else [], vals):
-            long.append({"method": method, "task": task, "metric": metric, "fold": int(f), "value": float(v)})
+            n_train, n_test = sizes.get(int(f), (-1, -1))
+            long.append({"method": method, "task": task, "metric": metric, "fold": int(f), "value": float(v),
+                         "n_train": int(n_train), "n_test": int(n_test)})
         ok = vals[np.isfinite(vals)]
         rows.append({"method": method, "task": task, "metric": metric,
                      "mean": float(ok.mean()) if len(ok) else float("nan"),
@@ -169,6 +184,87 @@ def _r2(y: np.ndarray, pred: np.ndarray) -> float:
     if len(y) < 2 or np.ptp(y) == 0:
         return float("nan")
     return float(1 - np.sum((y - pred) ** 2) / np.sum((y - y.mean()) ** 2))
+
+
+def _fold_sizes(labelled: np.ndarray, fold: np.ndarray) -> dict[int, tuple[int, int]]:
+    """``{fold: (labelled subjects outside it, labelled subjects in it)}``."""
+    return {int(f): (int((labelled & (fold != f)).sum()), int((labelled & (fold == f)).sum())) for f in np.unique(fold)}
+
+
+def _standardise(X: np.ndarray) -> np.ndarray:
+    """Columns to mean 0, SD 1 over the finite rows (constant columns to 0); non-finite rows stay NaN."""
+    X = np.asarray(X, dtype=np.float64)
+    ok = np.isfinite(X).all(axis=1)
+    out = np.full(X.shape, np.nan)
+    if ok.any():
+        mu, sd = X[ok].mean(axis=0), X[ok].std(axis=0)
+        out[ok] = (X[ok] - mu) / np.where(sd > 0, sd, 1.0)
+    return out
+
+
+def compose_blocks(blocks: Sequence[np.ndarray], n_components: int = 8) -> np.ndarray:
+    """Concatenate feature blocks so that no block swamps another by its width or its units.
+
+    Each block is standardised column-wise; a block wider than ``n_components`` columns (an
+    embedding, D = 128) is replaced by its first ``n_components`` principal components
+    (standardised again), so ``qct + drasclr`` is 2 density columns beside 8 embedding components
+    rather than 2 beside 128. The PCA is fitted on every row without labels (unsupervised, like
+    the embedding itself), never on a task's outcome.
+
+    Args:
+        blocks: arrays (..., F_b) with the same leading shape: (N, F_b) subject features or
+            (N, L, F_b) patch features. Rows with a non-finite value in any block are NaN.
+        n_components: width a block is reduced to.
+
+    Returns:
+        (..., sum of min(F_b, n_components)) float64.
+
+    Raises:
+        ValueError: for no blocks, mismatched leading shapes or ``n_components < 1``.
+    """
+    if not blocks:
+        raise ValueError("compose_blocks needs at least one block")
+    if n_components < 1:
+        raise ValueError(f"n_components must be >= 1, got {n_components}")
+    lead = np.asarray(blocks[0]).shape[:-1]
+    out = []
+    for i, B in enumerate(blocks):
+        B = np.asarray(B, dtype=np.float64)
+        if B.shape[:-1] != lead:
+            raise ValueError(f"block {i} has leading shape {B.shape[:-1]}, block 0 has {lead}")
+        Z = _standardise(B.reshape(-1, B.shape[-1]))
+        if Z.shape[1] > n_components:
+            ok = np.isfinite(Z).all(axis=1)
+            pcs = np.full((len(Z), n_components), np.nan)
+            if ok.sum() > 1:
+                _, _, vt = np.linalg.svd(Z[ok], full_matrices=False)
+                k = min(n_components, len(vt))
+                pcs[ok, :k] = Z[ok] @ vt[:k].T
+                pcs[ok, k:] = 0.0
+            Z = _standardise(pcs)
+        out.append(Z)
+    bad = np.zeros(len(out[0]), dtype=bool)
+    for Z in out:
+        bad |= ~np.isfinite(Z).all(axis=1)
+    X = np.concatenate(out, axis=1)
+    X[bad] = np.nan
+    return X.reshape(*lead, X.shape[-1])
+
+
+def _feature_arrays(features: Mapping[str, Any], sids: list[str]) -> dict[str, np.ndarray]:
+    out = {}
+    for name, X in features.items():
+        if isinstance(X, pd.DataFrame):
+            missing = [s for s in sids if s not in X.index]
+            if missing:
+                raise KeyError(f"features[{name!r}] lack subjects {missing[:5]} of the patch store (index by sid)")
+            X = X.loc[sids].to_numpy(dtype=np.float64)
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or len(X) != len(sids):
+            raise ValueError(f"features[{name!r}] must be (N={len(sids)}, F) in the store's subject order, "
+                             f"got shape {X.shape}")
+        out[name] = X
+    return out
 
 
 def _embedding_arrays(embeddings: Mapping[str, Any], sids: list[str]) -> dict[str, np.ndarray]:
@@ -228,6 +324,8 @@ def run_downstream(
     patch_C: float = 1.0,
     subtype_threshold: float = 0.05,
     max_train_patches: int = 20000,
+    features: Mapping[str, Any] | None = None,
+    compose: Mapping[str, Sequence[str]] | None = None,
     progress: bool = True,
 ) -> DownstreamResult:
     """Run every downstream task on every method with one set of subject folds.
@@ -254,13 +352,22 @@ def run_downstream(
         patch_C: inverse penalty of the patch-level subtype classifier.
         subtype_threshold: emphysema fraction below which a patch is "none".
         max_train_patches: cap on training patches per fold of the subtype task.
+        features: optional ``{name: (N, F) array}`` subject-level feature sets in the store's
+            subject order (or DataFrames indexed by sid), compared like the embeddings on the
+            subject-level tasks (not on the patch-level subtype task). Non-finite rows leave the
+            subject out as an unscanned one.
+        compose: optional ``{name: (method, method, ...)}``: a method whose features are the
+            named methods' (``qct``, an embedding, a feature set) joined by :func:`compose_blocks`
+            (``pca_components`` columns per wide block); on the subtype task too when every part
+            has patch features.
         progress: show a tqdm bar over methods.
 
     Returns:
         A :class:`DownstreamResult`.
 
     Raises:
-        ValueError: when there are fewer subjects (or patient groups) than folds, or no method at all.
+        ValueError: when there are fewer subjects (or patient groups) than folds, no method at all,
+            a feature set of the wrong shape, or a composition naming an unknown method.
         TaskError: a task spec that cannot be parsed, a named task's column missing or holding values
             of the wrong kind (the message names the column).
     """
@@ -274,7 +381,7 @@ def run_downstream(
     sids = list(store.sids)
     if len(sids) < folds:
         raise ValueError(f"patch store {store.root} has {len(sids)} subjects, fewer than {folds} folds")
-    if not embeddings and not include_qct:
+    if not embeddings and not include_qct and not features:
         raise ValueError("nothing to compare: no embeddings and include_qct=False")
     tasks = parse_tasks(tasks)
     table = store.table
@@ -292,12 +399,33 @@ def run_downstream(
     for m, h in H.items():
         subject_X[m] = pool_subjects(h, pool)
         patch_X[m] = h
-    subject_X, targets = _drop_unscanned(subject_X, targets, sids)
+    for m, X in _feature_arrays(features or {}, sids).items():
+        if m in subject_X:
+            raise ValueError(f"feature set {m!r} has the name of another method")
+        subject_X[m] = X
     kinds = {t.name: t.kind for t in tasks}
     subtype = any(kinds[t] == "subtype" for t in targets)
     y_sub = subtype_targets(store, sids, threshold=subtype_threshold) if subtype else None
     if subtype and include_qct:
         patch_X = {"qct": patch_qct_features(store, sids), **patch_X}
+    for m, parts in (compose or {}).items():
+        unknown = [p for p in parts if p not in subject_X]
+        if unknown or m in subject_X:
+            raise ValueError(f"compose[{m!r}]: " + (f"unknown methods {unknown}; have {sorted(subject_X)}" if unknown
+                                                   else "the name of another method"))
+        subject_X[m] = compose_blocks([subject_X[p] for p in parts], pca_components)
+        if subtype and all(p in patch_X for p in parts):
+            patch_X[m] = compose_blocks([patch_X[p] for p in parts], pca_components).astype(np.float32)
+    subject_X, targets = _drop_unscanned(subject_X, targets, sids)
+    sizes = {}
+    for task, y in targets.items():
+        if isinstance(y, tuple):
+            labelled = np.isfinite(np.asarray(y[0], dtype=np.float64)) & np.isfinite(np.asarray(y[1], dtype=np.float64))
+        elif kinds[task] == "subtype":
+            labelled = (y_sub >= 0).any(axis=1)
+        else:
+            labelled = np.isfinite(np.asarray(y, dtype=np.float64))
+        sizes[task] = _fold_sizes(labelled, fold)
 
     # the first survival task that runs (else the first named) feeds time, event and risk (KM plot)
     survival = [t for t in targets if kinds[t] == "survival"] + [t.name for t in tasks if t.kind == "survival"]
@@ -314,31 +442,34 @@ def run_downstream(
             kind = kinds[task]
             if kind == "continuous":
                 scores, pred = cv_regression(X, y, fold)
-                _summarise(m, task, scores, ["r2"], int(np.isfinite(y).sum()), rows, long)
+                _summarise(m, task, scores, ["r2"], int(np.isfinite(y).sum()), rows, long, sizes[task])
                 ok = np.isfinite(pred) & np.isfinite(y)
                 rows.append({"method": m, "task": task, "metric": "r2_oof", "mean": _r2(y[ok], pred[ok]),
                              "sd": float("nan"), "folds": int(len(scores)), "n": int(ok.sum())})
             elif kind in {"ordinal", "categorical"}:
                 scores, _ = cv_classification(X, y, fold, C=C)
-                _summarise(m, task, scores, ["accuracy", "auc_macro"], int(np.isfinite(y).sum()), rows, long)
+                _summarise(m, task, scores, ["accuracy", "auc_macro"], int(np.isfinite(y).sum()), rows, long,
+                           sizes[task])
             elif kind == "survival":
                 t, e = y
                 scores, r = cv_cox(X, t, e, fold, n_components=pca_components, penalizer=penalizer)
                 if task == survival[0]:
                     risk[m] = r
-                _summarise(m, task, scores, ["c_index"], int((np.isfinite(t) & np.isfinite(e)).sum()), rows, long)
+                _summarise(m, task, scores, ["c_index"], int((np.isfinite(t) & np.isfinite(e)).sum()), rows, long,
+                           sizes[task])
             elif m in patch_X:  # subtype: patch embeddings (and the per-patch QCT features)
                 scores, proba[m] = cv_patch_classifier(patch_X[m], y_sub, fold, C=patch_C,
                                                        max_train=max_train_patches, seed=seed)
                 metrics = ["auc_macro", *[f"auc_{n}" for n in SUBTYPE_NAMES], "accuracy"]
-                _summarise(m, task, scores, metrics, int((y_sub >= 0).sum()), rows, long)
+                _summarise(m, task, scores, metrics, int((y_sub >= 0).sum()), rows, long, sizes[task])
     settings = dict(tasks=format_tasks(tasks), folds=folds, seed=seed, pool=pool, include_qct=include_qct,
                     pca_components=pca_components, penalizer=penalizer, C=C, patch_C=patch_C,
                     subtype_threshold=subtype_threshold, max_train_patches=max_train_patches,
+                    features=sorted(features or {}), compose={k: list(v) for k, v in (compose or {}).items()},
                     num_subjects=len(sids), num_groups=int(len(np.unique(groups))),
                     group_column=GROUP_COLUMN if GROUP_COLUMN in table.columns else None, store=str(store.root))
     return DownstreamResult(
         table=pd.DataFrame(rows, columns=TABLE_COLUMNS),
-        per_fold=pd.DataFrame(long, columns=["method", "task", "metric", "fold", "value"]),
+        per_fold=pd.DataFrame(long, columns=["method", "task", "metric", "fold", "value", "n_train", "n_test"]),
         sids=sids, fold=fold, time=time, event=event, risk=risk, subtype_true=y_sub, subtype_proba=proba,
         settings=settings, survival_task=survival[0] if survival else "survival", groups=groups)

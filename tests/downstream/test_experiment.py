@@ -192,3 +192,54 @@ def test_subject_without_valid_patches_left_out_of_every_method(labelled_store):
         assert t[(t.method == m) & (t.task == "survival")].n.item() == 18
     assert res.value("good", "FEV1pp", "r2_oof") > 0.7
     assert np.isnan(res.risk["good"][9]) and np.isnan(res.risk["qct"][9])
+
+
+def test_feature_sets_and_compositions_join_the_same_folds(labelled_store):
+    """Subject-level feature sets (an oracle) and a composition qct + embedding are scored on the folds of
+    every other method; the per-fold table carries each fold's labelled train / test subjects."""
+    store = labelled_store
+    N, L = store.num_subjects, store.num_locations
+    d = np.arange(N) / (N - 1)
+    rng = np.random.default_rng(4)
+    noise = rng.normal(size=(N, L, 16))
+    oracle = np.stack([d, rng.normal(size=N)], axis=1)
+    shuffled = pd.DataFrame(oracle, index=store.sids).iloc[rng.permutation(N)]  # realigned by sid
+    res = run_downstream(store, {"noise": _emb(store, noise)}, folds=4, seed=0, progress=False, pca_components=2,
+                         features={"oracle": shuffled}, compose={"qct+noise": ("qct", "noise")})
+    t = res.table
+    assert set(t.method) == {"qct", "noise", "oracle", "qct+noise"}
+    assert not ((t.method == "oracle") & (t.task == "subtype")).any()  # no patch features: no patch task
+    assert ((t.method == "qct+noise") & (t.task == "subtype")).any()  # both parts have patch features
+    assert res.value("oracle", "FEV1pp", "r2") > 0.8 and res.value("noise", "FEV1pp", "r2") < 0.3
+    # qct's signal survives next to 16 noise columns (reduced to 2 components)
+    assert res.value("qct+noise", "FEV1pp", "r2_oof") > 0.6
+    pf = res.per_fold
+    assert pf.groupby(["task", "metric"])[["method", "fold"]].apply(lambda g: g.groupby("method").fold.apply(tuple).nunique()).max() == 1
+    fev = pf[(pf.task == "FEV1pp") & (pf.method == "oracle")].set_index("fold")
+    labelled = store.table.loc[res.sids, "FEV1pp"].notna().to_numpy()
+    for f, row in fev.iterrows():
+        assert row.n_test == (labelled & (res.fold == f)).sum() and row.n_train == (labelled & (res.fold != f)).sum()
+    assert (pf.n_train + pf.n_test <= N).all() and (pf.n_test > 0).all()
+    assert res.settings["features"] == ["oracle"] and res.settings["compose"] == {"qct+noise": ["qct", "noise"]}
+    with pytest.raises(ValueError, match="unknown methods"):
+        run_downstream(store, {}, folds=4, progress=False, compose={"a+b": ("qct", "b")})
+    with pytest.raises(ValueError, match=r"\(N=20, F\)"):
+        run_downstream(store, {}, folds=4, progress=False, features={"o": oracle[:5]})
+
+
+def test_compose_blocks_balances_widths():
+    from drasclr_lib.downstream.experiment import compose_blocks
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(30, 2)) * 1000  # density-like units
+    b = rng.normal(size=(30, 64))
+    b[3] = np.nan
+    X = compose_blocks([a, b], n_components=4)
+    assert X.shape == (30, 6)
+    ok = np.isfinite(X).all(axis=1)
+    assert ok.sum() == 29 and not ok[3]
+    np.testing.assert_allclose(X[ok].std(axis=0), 1.0, rtol=0.05)  # every column on one scale
+    P = compose_blocks([rng.normal(size=(5, 7, 3)), rng.normal(size=(5, 7, 10))], n_components=4)
+    assert P.shape == (5, 7, 7)
+    with pytest.raises(ValueError, match="leading shape"):
+        compose_blocks([a, b[:10]])

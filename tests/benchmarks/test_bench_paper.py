@@ -1,0 +1,135 @@
+"""``benchmarks/bench_paper.py`` runs end to end on a toy store in a tiny setting (about 40 s on 2 cores):
+every output file is written, and the intervals of its summary and paired tables are those recomputed
+by hand from its per-fold CSV (the Nadeau-Bengio correction with the CSV's own n_train / n_test)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from drasclr_lib.data.patch_store import finalize_store
+from drasclr_lib.testing import make_toy_store
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def paper_store(tmp_path_factory):
+    """16 toy subjects with the paper's labels, survival and two of the generator's latent columns."""
+    root = make_toy_store(tmp_path_factory.mktemp("paper_store"), n_subjects=16, grid=(2, 2, 1), seed=3)
+    rng = np.random.default_rng(0)
+    d = np.arange(16) / 15
+    t_event = rng.exponential(1 / np.exp(2 * d))
+    t_cens = rng.exponential(1.0, size=16)
+    finalize_store(root, pd.DataFrame({
+        "sid": [f"toy{s:03d}" for s in range(16)],
+        "FEV1pp": 100 - 60 * d + rng.normal(0, 5, 16), "FEV1_FVC": 0.8 - 0.3 * d + rng.normal(0, 0.03, 16),
+        "GOLD": np.round(4 * d), "emph_grade": np.round(3 * d),
+        "paraseptal_grade": rng.integers(0, 2, 16).astype(float),
+        "time": np.minimum(t_event, t_cens), "event": (t_event <= t_cens).astype(float),
+        "airway_wall": rng.uniform(size=16), "age": 50 + 20 * d,
+    }))
+    return root
+
+
+def _by_hand(values: pd.DataFrame) -> tuple[float, float]:
+    """Corrected interval from a per-fold slice: seed average per (repeat, fold), then 1/J + n_test/n_train."""
+    cells = values.groupby(["repeat", "fold"]).agg(v=("value", "mean"), tr=("n_train", "mean"), te=("n_test", "mean"))
+    x = cells["v"].to_numpy()
+    J = len(x)
+    se = np.sqrt((1 / J + cells["te"].mean() / cells["tr"].mean()) * x.var(ddof=1))
+    half = stats.t.ppf(0.975, J - 1) * se
+    return x.mean() - half, x.mean() + half
+
+
+@pytest.mark.slow
+def test_bench_paper_tiny(paper_store, tmp_path):
+    results, work = tmp_path / "results", tmp_path / "work"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_paper.py"), "--store", str(paper_store),
+           "--work", str(work), "--results", str(results), "--seeds", "2", "--max-steps", "2", "--batch-size", "4",
+           "--queue-size", "16",
+           "--repeats", "2", "--folds", "3", "--pca-components", "2", "--max-train-patches", "200",
+           "--seg-fractions", "1.0", "--seg-seeds", "1", "--seg-steps", "2", "--seg-batch", "2",
+           "--seg-eval-patches", "2", "--calibration-batches", "2", "--workers", "0", "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("per_fold.csv", "summary.csv", "paired.csv", "segmentation.csv", "paper.json", "summary.png",
+                 "paired.png", "segmentation.png"):
+        assert (results / name).is_file() and (results / name).stat().st_size > 0, name
+    pf = pd.read_csv(results / "per_fold.csv")
+    assert list(pf.columns) == ["method", "seed", "repeat", "fold", "task", "metric", "value", "n_train", "n_test"]
+    assert set(pf.method) == {"drasclr", "moco", "drasclr_no_nbr", "random", "qct", "qct+drasclr", "oracle"}
+    assert set(pf.repeat) == {0, 1} and set(pf[pf.method == "moco"].seed) == {0, 1}
+    assert pf[pf.method.isin(["qct", "oracle"])].seed.isna().all()
+    assert {"FEV1pp", "GOLD", "survival", "subtype"} <= set(pf.task)
+    assert not ((pf.method == "oracle") & (pf.task == "subtype")).any()
+    assert set(pf[pf.task == "subtype"].repeat) == {0}  # --subtype-repeats 1 (default): the costly task runs once
+    assert (pf.n_test > 0).all() and (pf.n_train > pf.n_test).all()
+    summary = pd.read_csv(results / "summary.csv")
+    checked = 0
+    for row in summary.itertuples():
+        part = pf[(pf.method == row.method) & (pf.task == row.task) & (pf.metric == row.metric)]
+        part = part.dropna(subset=["value"])
+        if part.empty:  # no fold could score it (an AUC without both classes in any test fold)
+            assert np.isnan(row.mean)
+            continue
+        assert row.mean == pytest.approx(part.value.mean())
+        if part.groupby(["repeat", "fold"]).ngroups >= 2:
+            lo, hi = _by_hand(part)
+            assert (row.ci_low, row.ci_high) == (pytest.approx(lo), pytest.approx(hi)), row
+            checked += 1
+    assert checked > 20
+    paired = pd.read_csv(results / "paired.csv")
+    assert {("drasclr", "moco"), ("drasclr", "qct"), ("qct+drasclr", "qct")} <= set(zip(paired.a, paired.b))
+    row = paired[(paired.a == "drasclr") & (paired.b == "moco") & (paired.task == "FEV1pp")
+                 & (paired.metric == "r2")].iloc[0]
+    a = pf[(pf.method == "drasclr") & (pf.task == "FEV1pp") & (pf.metric == "r2")]
+    b = pf[(pf.method == "moco") & (pf.task == "FEV1pp") & (pf.metric == "r2")]
+    m = a.merge(b[["seed", "repeat", "fold", "value"]], on=["seed", "repeat", "fold"], suffixes=("", "_b"))
+    m["value"] = m["value"] - m["value_b"]
+    lo, hi = _by_hand(m)
+    assert (row.ci_low, row.ci_high) == (pytest.approx(lo), pytest.approx(hi))
+    seg = pd.read_csv(results / "segmentation.csv")
+    assert set(seg[seg.kind == "model"].init) == {"random", "moco", "drasclr"}
+    assert "laa950" in set(seg[seg.kind == "rule"].init) and "dice_paraseptal" in seg.columns
+    info = json.loads((results / "paper.json").read_text(encoding="utf-8"))
+    assert set(info["timings_s"]) == {"cohort", "store", "pretrain", "embed", "downstream", "segmentation", "tables"}
+    assert {"python", "torch", "numpy", "sklearn", "lifelines", "git_commit"} <= set(info["versions"])
+    assert info["oracle_columns"] == ["airway_wall", "age"] and "mucus_plugging" in info["oracle_missing"]
+    # a second run reuses every cached stage and writes the same per-fold table
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    pd.testing.assert_frame_equal(pd.read_csv(results / "per_fold.csv"), pf)
+    info2 = json.loads((results / "paper.json").read_text(encoding="utf-8"))
+    assert info2["timings_s"]["pretrain"] < 5 and info2["timings_s"]["downstream"] < 5
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_paper", ROOT / "benchmarks" / "bench_paper.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_oracle_columns_follow_the_generator(monkeypatch):
+    """The oracle takes the generator's own list when it has one, else the documented default."""
+    from drasclr_lib.data.synthetic import clinical
+
+    bench = _bench_module()
+    table = pd.DataFrame(columns=["sid", "airway_wall", "age", "emph_panlobular", "texture"])
+    monkeypatch.delattr(clinical, "ORACLE_COLUMNS", raising=False)
+    present, missing = bench.oracle_columns(table)
+    assert present == ["emph_panlobular", "airway_wall", "age"] and "mucus_plugging" in missing
+    monkeypatch.setattr(clinical, "ORACLE_COLUMNS", ("texture", "airway_wall", "gone"), raising=False)
+    assert bench.oracle_columns(table) == (["texture", "airway_wall"], ["gone"])
+    assert bench.split_name("qct+drasclr@2") == ("qct+drasclr", 2.0)
+    assert bench.split_name("qct")[0] == "qct" and np.isnan(bench.split_name("qct")[1])

@@ -36,7 +36,7 @@ from drasclr_lib.data.patch_store import PatchStore
 from drasclr_lib.training.checkpoint import (load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                                              write_history_csv)
 from drasclr_lib.training.config import (RESUME_KEYS, PretrainConfig, effective_lr, effective_queue_size,
-                                         resolve_speed)
+                                         loader_workers, resolve_speed)
 from drasclr_lib.training.data import LocationBatchSampler, PatchPairDataset, trainable_pairs
 from drasclr_lib.training.model_card import write_model_card
 from drasclr_lib.utils import output_dir, resolve_device, save_json, seed_everything
@@ -271,6 +271,8 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device):
     seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
     speed = resolve_speed(cfg, device)
     run.update(speed)
+    workers = loader_workers(cfg, device, augment_on_device=on_device)
+    run["loader_workers"] = workers
     model = _build_model(cfg, n_loc, queue).to(device)
     model.set_channels_last(speed["memory_format"] == "channels_last")
     use_amp = speed["precision"] == "fp16"  # float16 needs the gradient scaler; bfloat16 does not
@@ -290,7 +292,8 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device):
     if is_main:
         print(f"pretrain on {device}: precision {speed['precision']} (asked {cfg.precision}"
               f"{', amp off' if not cfg.amp else ''}), {speed['memory_format']} convolutions, augmentation on the "
-              f"{run['augment_on']}, {cfg.workers} loader worker(s), {torch.get_num_threads()} torch thread(s), "
+              f"{run['augment_on']}, {workers} loader worker(s){'' if workers == cfg.workers else f' (asked {cfg.workers}: no core left for them beside the training threads)'}, "
+              f"{torch.get_num_threads()} torch thread(s), "
               f"batch {cfg.batch_size} x {world} process(es)")
 
     net = model
@@ -332,7 +335,7 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device):
     while step < stop_step:
         epoch, start = divmod(step, steps_per_epoch)
         sampler.set_epoch(epoch, start)
-        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                             pin_memory=device.type == "cuda", persistent_workers=False,
                             generator=torch.Generator().manual_seed(cfg.seed + epoch))  # keeps the global RNG untouched
         t0 = time.perf_counter()

@@ -27,8 +27,11 @@ def test_04_downstream(run_notebook):
         assert 0.0 <= c <= 1.0, (meth, c)
         assert math.isfinite(r[meth]["subtype/auc_macro"]), meth
         assert 0.0 <= r[meth]["subtype/auc_macro"] <= 1.0
-    # the synthetic cohort's lung function and survival are generated from disease, which %LAA-950 measures
-    assert r["qct"]["FEV1pp/r2_oof"] > 0.3, r["qct"]
+    # the visual emphysema grade is read from the emphysema percentage, which %LAA-950 measures (random
+    # weights: 0.53 at CI's budget). Lung function is not a sanity anchor any more: the cohort is calibrated
+    # so that density explains about a third of FEV1pp, which 16 subjects cannot measure (CI: R² -0.2);
+    # benchmarks/bench_paper.py has the power for that comparison
+    assert r["qct"]["emph_grade/auc_macro"] > 0.65, r["qct"]
     # a C-index bound needs events: the CI cohort (16 subjects, heavy censoring) may hold only a few deaths,
     # then only the range is checked; on larger cohorts %LAA-950 must rank the deaths
     if m["survival_events"] >= 8:

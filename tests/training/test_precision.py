@@ -118,3 +118,19 @@ def test_settings_printed_recorded_and_a_precision_change_on_resume_warns(small_
     if cpu_has_bf16():
         with pytest.warns(UserWarning, match="trained in fp32 and resumes in bf16"):
             pretrain(_cfg(small_store, out, precision="bf16", max_steps=4, resume=True))
+
+
+def test_loader_workers_leave_the_cpu_cores_to_the_training_threads(monkeypatch):
+    import drasclr_lib.training.config as config
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(config, "_usable_cores", lambda: 2)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert config.loader_workers(PretrainConfig(workers=2), cpu) == 0  # 2 cores, 2 threads: none to spare
+    assert config.loader_workers(PretrainConfig(workers=2), cuda) == 2  # the GPU computes, the cores load
+    assert config.loader_workers(PretrainConfig(workers=2), cpu, augment_on_device=True) == 2
+    monkeypatch.setattr(config, "_usable_cores", lambda: 16)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert config.loader_workers(PretrainConfig(workers=4), cpu) == 4
+    assert config.loader_workers(PretrainConfig(workers=12), cpu) == 8
+    assert config.loader_workers(PretrainConfig(workers=0), cpu) == 0

@@ -109,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--size", default="demo", help="synthetic subject size ('demo', 'adult' or a scale)")
     p.add_argument("--store", default=None, help="an existing patch store instead of a synthetic cohort")
     p.add_argument("--seeds", type=int, default=3, help="pretraining seeds per method (and random encoders)")
-    p.add_argument("--max-steps", type=int, default=50, help="pretraining steps per run")
+    p.add_argument("--max-steps", type=int, default=200, help="pretraining steps per run")
     p.add_argument("--batch-size", type=int, default=32, help="pretraining batch (one location, many subjects)")
     p.add_argument("--lr", type=float, default=0.01, help="pretraining lr at batch 128, scaled to the batch")
     p.add_argument("--queue-size", type=int, default=4096, help="negatives per location (capped for small cohorts)")

@@ -49,16 +49,15 @@ Commands::
     python benchmarks/bench_paper.py --work /tmp/bench_paper_s23 --cohort-seed 23   # another cohort
 
 Setting and budget. Default: 150 subjects (cohort seed 17, size demo), 3 seeds x 3 pretrained
-methods at 50 steps of batch 32 (+ 3 random encoders), 3 x 5-fold CV, segmentation at 10 / 25 /
+methods at 200 steps of batch 32 (+ 3 random encoders), 3 x 5-fold CV, segmentation at 10 / 25 /
 100 % of the labels with 1 seed of 60 steps. Measured: ``--quick`` (40 subjects, 2 seeds, 30 steps of
-16, 2 x 4-fold CV, 2 fractions x 1 seed of 30 steps) took 2246 s = 37 min on 2 CPU cores shared
-with three other jobs (load average 4-6): cohort 143 s, store 425 s, pretrain 629 s (a DrasCLR
-run about 230 s, a MoCo or no-neighbour run 10-30 s: the neighbour loss dominates), embed 363 s,
-downstream 165 s, segmentation 519 s, tables 2 s. Scaled per unit (subjects, seed x step x batch,
-encoders x subjects, splits, fine-tuning steps) the default projects to about 177 min at that load;
-the documented idle rates (cohort 1-2 s per subject and core, a step of 32 about 1 s) are roughly
-2.5x faster, which puts the default near 75 min and ``--quick`` near 15 min on 2 idle cores. Neither
-the default nor ``--quick`` on idle cores has been timed yet: rerun and correct these figures.
+16, 2 x 4-fold CV, 2 fractions x 1 seed of 30 steps) took 537 s = 9 min on the 2 idle cores
+(cohort 48 s, store 155 s, pretrain 59 s, embed 174 s, downstream 13 s, segmentation 82 s, tables
+2 s); the first ``--quick`` run, before the CPU loader cap (``training.config.loader_workers``) and
+on cores shared with three other jobs, took 37 min, most of it in DrasCLR steps starved by their
+own loader workers. Scaled per unit (subjects; seeds x steps x batch; encoders x subjects; splits;
+fine-tuning steps) the default projects to about 45-60 min on idle cores; **it has not been timed
+yet** (a first attempt shared the cores with the test suite and was stopped).
 The budget goes where it buys power: subjects (the corrected interval shrinks with n, barely with
 repeats), folds and repeats (cheap: no retraining) and seeds of the pretrained encoders;
 pretraining steps stay at one small budget (``--max-steps``).

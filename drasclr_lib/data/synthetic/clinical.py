@@ -115,6 +115,16 @@ ORACLE_COLUMNS = ("emph_centrilobular", "emph_panlobular", "emph_paraseptal", "a
                   "age")
 
 
+def _burden(c: dict, e_cl, e_pl, e_ps):
+    """Functional emphysema burden ``E = e_cl + k_pl e_pl + k_ps e_ps`` (scalars or arrays)."""
+    return e_cl + c["k_pl"] * e_pl + c["k_ps"] * e_ps
+
+
+def _fev1pp_mean(c: dict, burden, a, m):
+    """FEV1pp before noise and clipping: the one formula the table and :func:`expected_fev1pp` share."""
+    return c["fev1_0"] - c["fev1_E"] * burden - c["fev1_a"] * a - c["fev1_m"] * m
+
+
 def expected_fev1pp(table, coef: dict | None = None) -> np.ndarray:
     """FEV1pp without its noise (and without the clipping), from a manifest's ground-truth columns.
 
@@ -128,8 +138,8 @@ def expected_fev1pp(table, coef: dict | None = None) -> np.ndarray:
     """
     c = {**COEF, **(coef or {})}
     col = lambda k: np.asarray(table[k], float)  # noqa: E731
-    burden = col("emph_centrilobular") + c["k_pl"] * col("emph_panlobular") + c["k_ps"] * col("emph_paraseptal")
-    return c["fev1_0"] - c["fev1_E"] * burden - c["fev1_a"] * col("airway_wall") - c["fev1_m"] * col("mucus_plugging")
+    burden = _burden(c, col("emph_centrilobular"), col("emph_panlobular"), col("emph_paraseptal"))
+    return _fev1pp_mean(c, burden, col("airway_wall"), col("mucus_plugging"))
 
 
 def clinical_table_row(latents: dict, measured: dict, rng: np.random.Generator, coef: dict | None = None) -> dict:
@@ -148,11 +158,10 @@ def clinical_table_row(latents: dict, measured: dict, rng: np.random.Generator, 
     c = {**COEF, **(coef or {})}
     s, a, m = latents["severity"], latents["airway_wall"], latents.get("mucus_plugging", 0.0)
     e_cl, e_pl, e_ps = measured["emph_centrilobular"], measured["emph_panlobular"], measured["emph_paraseptal"]
-    burden = e_cl + c["k_pl"] * e_pl + c["k_ps"] * e_ps
+    burden = _burden(c, e_cl, e_pl, e_ps)
     z = rng.standard_normal(4)
     age = float(np.clip(50 + 14 * s + latents["age_noise"], 40, 85))
-    fev1pp = float(np.clip(c["fev1_0"] - c["fev1_E"] * burden - c["fev1_a"] * a - c["fev1_m"] * m
-                           + c["fev1_sd"] * z[0], 12, 130))
+    fev1pp = float(np.clip(_fev1pp_mean(c, burden, a, m) + c["fev1_sd"] * z[0], 12, 130))
     ratio = float(np.clip(c["ratio_0"] - c["ratio_E"] * burden - c["ratio_a"] * a - c["ratio_m"] * m
                           + c["ratio_sd"] * z[1], 0.25, 0.95))
     total_pct = 100 * (e_cl + e_pl + e_ps) * float(np.exp(0.1 * z[2]))

@@ -307,6 +307,20 @@ def _ordered(methods) -> list[str]:
     return [m for m in ORDER if m in methods] + [m for m in methods if m not in ORDER]
 
 
+def _interval_panel(ax, part, column: str, labels, title: str, show_labels: bool, tick_fontsize=None) -> None:
+    """Dots at ``part[column]`` with ``ci_low`` / ``ci_high`` bars, one row per label, top to bottom."""
+    import numpy as np
+
+    y = np.arange(len(part))[::-1]
+    v = part[column].to_numpy(float)
+    lo, hi = part["ci_low"].to_numpy(float), part["ci_high"].to_numpy(float)
+    ax.errorbar(v, y, xerr=[np.nan_to_num(v - lo), np.nan_to_num(hi - v)], fmt="o", capsize=3)
+    font = {"fontsize": tick_fontsize} if tick_fontsize else {}
+    ax.set_yticks(y, list(labels) if show_labels else [""] * len(y), **font)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+
+
 def plot_summary(summary, path: Path) -> None:
     """One panel per task (its primary metric): mean and 95 % interval of every method."""
     import matplotlib.pyplot as plt
@@ -317,13 +331,7 @@ def plot_summary(summary, path: Path) -> None:
     for ax, task in zip(axes[0], tasks):
         part = summary[(summary.task == task) & (summary.metric == PRIMARY[task])].set_index("method")
         methods = _ordered(part.index)
-        y = np.arange(len(methods))[::-1]
-        m = part.loc[methods, "mean"].to_numpy(float)
-        lo, hi = part.loc[methods, "ci_low"].to_numpy(float), part.loc[methods, "ci_high"].to_numpy(float)
-        ax.errorbar(m, y, xerr=[np.nan_to_num(m - lo), np.nan_to_num(hi - m)], fmt="o", capsize=3)
-        ax.set_yticks(y, methods if ax is axes[0][0] else [""] * len(y))
-        ax.set_title(f"{task}\n{PRIMARY[task]}", fontsize=9)
-        ax.grid(alpha=0.3)
+        _interval_panel(ax, part.loc[methods], "mean", methods, f"{task}\n{PRIMARY[task]}", ax is axes[0][0])
     fig.suptitle("mean and 95 % interval (corrected resampled t over R x K splits)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -340,15 +348,9 @@ def plot_paired(paired, path: Path) -> None:
     for ax, (a, b) in zip(axes[0], pairs):
         part = paired[(paired.a == a) & (paired.b == b)]
         part = part[[PRIMARY.get(t) == m for t, m in zip(part.task, part.metric)]]
-        y = np.arange(len(part))[::-1]
-        d = part["diff"].to_numpy(float)
-        lo, hi = part["ci_low"].to_numpy(float), part["ci_high"].to_numpy(float)
-        ax.errorbar(d, y, xerr=[np.nan_to_num(d - lo), np.nan_to_num(hi - d)], fmt="o", capsize=3)
+        _interval_panel(ax, part, "diff", [f"{t} {m}" for t, m in zip(part.task, part.metric)], f"{a} - {b}",
+                        ax is axes[0][0], tick_fontsize=8)
         ax.axvline(0, color="k", lw=0.8)
-        ax.set_yticks(y, [f"{t} {m}" for t, m in zip(part.task, part.metric)] if ax is axes[0][0] else [""] * len(y),
-                      fontsize=8)
-        ax.set_title(f"{a} - {b}", fontsize=9)
-        ax.grid(alpha=0.3)
     fig.suptitle("paired differences, 95 % interval (Nadeau-Bengio corrected)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

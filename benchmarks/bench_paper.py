@@ -48,6 +48,9 @@ Commands::
     python benchmarks/bench_paper.py --work /tmp/bench_paper_q --quick   # the same tables, small
     python benchmarks/bench_paper.py --work /tmp/bench_paper_s23 --cohort-seed 23   # another cohort
 
+Other pretraining budgets on the same store and folds (``--store``, ``--max-steps``, ``--methods
+drasclr,moco --no-segmentation``) give the learning curve: ``benchmarks/paper_learning_curve.py``.
+
 Setting and budget. Default: 150 subjects (cohort seed 17, size demo), 3 seeds x 3 pretrained
 methods at 200 steps of batch 32 (+ 3 random encoders), 3 x 5-fold CV, segmentation at 10 / 25 /
 100 % of the labels with 1 seed of 60 steps. Measured: ``--quick`` (40 subjects, 2 seeds, 30 steps of
@@ -55,9 +58,10 @@ methods at 200 steps of batch 32 (+ 3 random encoders), 3 x 5-fold CV, segmentat
 (cohort 48 s, store 155 s, pretrain 59 s, embed 174 s, downstream 13 s, segmentation 82 s, tables
 2 s); the first ``--quick`` run, before the CPU loader cap (``training.config.loader_workers``) and
 on cores shared with three other jobs, took 37 min, most of it in DrasCLR steps starved by their
-own loader workers. Scaled per unit (subjects; seeds x steps x batch; encoders x subjects; splits;
-fine-tuning steps) the default projects to about 45-60 min on idle cores; **it has not been timed
-yet** (a first attempt shared the cores with the test suite and was stopped).
+own loader workers. The default took 3,902 s = 65 min on the 2 idle cores (cohort 154 s, store
+699 s, of which a few minutes shared the cores with a short test run; pretrain 1,333 s for 9 runs: DrasCLR 4 min a run, MoCo and DrasCLR w/o neighbours 1.5-1.8 min;
+embed 1,088 s for 12 encoders, downstream 219 s, segmentation 408 s, tables 1 s), inside the 75 min
+the issue allows; ``benchmarks/results/paper/paper.json`` keeps the figures.
 The budget goes where it buys power: subjects (the corrected interval shrinks with n, barely with
 repeats), folds and repeats (cheap: no retraining) and seeds of the pretrained encoders;
 pretraining steps stay at one small budget (``--max-steps``).
@@ -126,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seg-eval-patches", type=int, default=32, help="patches scored per test subject")
     p.add_argument("--seg-test-fraction", type=float, default=0.25, help="held-out share of subjects")
     p.add_argument("--no-segmentation", action="store_true", help="skip stage 6")
+    p.add_argument("--methods", default=",".join(ENCODERS),
+                   help="encoders to pretrain and score (qct and the oracle always run); a learning curve over "
+                        "budgets needs only drasclr,moco")
     p.add_argument("--workers", type=int, default=2, help="processes for cohort, preprocessing, data loading")
     p.add_argument("--work", default=str(REPO / "outputs" / "bench_paper"), help="cache folder")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "paper"), help="where the tables go")
@@ -190,7 +197,7 @@ def embeddings_stage(store, checkpoints: dict, args, folder: Path, bar) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     sdig = store_digest(store)
     out = {}
-    for m in ENCODERS:
+    for m in [m for m in ENCODERS if m in args.methods]:
         for s in range(args.seeds):
             name = f"{m}@{s}"
             bar.set_postfix_str(f"embed {name}")
@@ -230,7 +237,8 @@ def downstream_stage(store, embeddings: dict, args, folder: Path, bar) -> tuple:
     if present:
         X = store.table.loc[list(store.sids), present].apply(pd.to_numeric, errors="coerce")
         features["oracle"] = X.to_numpy(dtype=np.float64)
-    compose = {f"qct+drasclr@{s}": ("qct", f"drasclr@{s}") for s in range(args.seeds)}
+    compose = ({f"qct+drasclr@{s}": ("qct", f"drasclr@{s}") for s in range(args.seeds)}
+               if "drasclr" in args.methods else {})
     settings = dict(folds=args.folds, pca_components=args.pca_components, max_train_patches=args.max_train_patches,
                     embeddings={k: (e.meta.get("checkpoint"), float(np.nansum(e.h[:, :2])))
                                 for k, e in embeddings.items()},
@@ -378,6 +386,13 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in QUICK.items():
             if getattr(args, k) == parser.get_default(k):
                 setattr(args, k, v)
+    args.methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    unknown = sorted(set(args.methods) - set(ENCODERS))
+    if unknown or not args.methods:
+        parser.error(f"--methods: unknown {unknown or 'none given'}; choose from {','.join(ENCODERS)}")
+    if not args.no_segmentation and not {"drasclr", "moco"} <= set(args.methods):
+        parser.error("segmentation fine-tunes the drasclr and moco checkpoints: add them to --methods "
+                     "or pass --no-segmentation")
 
     import matplotlib
 
@@ -434,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     # 3. pretraining: every method x seed at one budget
     batch = min(args.batch_size, store.num_subjects)
     checkpoints, sources = {}, {}
-    for m in PRETRAINED:
+    for m in [m for m in PRETRAINED if m in args.methods]:
         for s in range(args.seeds):
             bar.set_postfix_str(f"pretrain {m} seed {s}")
             base = PretrainConfig(store=str(store.root), epochs=1, max_steps=args.max_steps, batch_size=batch,

@@ -109,6 +109,27 @@ def test_bench_paper_tiny(paper_store, tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(results / "per_fold.csv"), pf)
     info2 = json.loads((results / "paper.json").read_text(encoding="utf-8"))
     assert info2["timings_s"]["pretrain"] < 5 and info2["timings_s"]["downstream"] < 5
+    # --methods narrows what is pretrained and scored (the learning curve's runs): qct, its
+    # composition and the oracle stay; the cached checkpoints and embeddings are reused
+    narrow = results.parent / "narrow"
+    cmd_narrow = [*cmd[:cmd.index("--results") + 1], str(narrow), *cmd[cmd.index("--results") + 2:],
+                  "--methods", "drasclr,moco", "--no-segmentation"]
+    proc = subprocess.run(cmd_narrow, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pf3 = pd.read_csv(narrow / "per_fold.csv")
+    assert set(pf3.method) == {"drasclr", "moco", "qct", "qct+drasclr", "oracle"}
+    assert not (narrow / "segmentation.csv").exists()
+    assert json.loads((narrow / "paper.json").read_text(encoding="utf-8"))["setting"]["methods"] == ["drasclr", "moco"]
+
+
+@pytest.mark.parametrize("extra, message", [(["--methods", "drasclr,simclr"], "unknown ['simclr']"),
+                                            (["--methods", "drasclr"], "add them to --methods")])
+def test_bench_paper_methods_are_checked(extra, message, tmp_path, capsys):
+    """A misspelt method, or segmentation without the checkpoints it fine-tunes, stops before any work."""
+    with pytest.raises(SystemExit):
+        _bench_module().main(["--work", str(tmp_path / "w"), "--results", str(tmp_path / "r"), *extra])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
 
 
 def _bench_module():

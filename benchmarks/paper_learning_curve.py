@@ -127,9 +127,13 @@ def project(points: "pd.DataFrame", s_per_step: float, batch: int, subjects: int
         batch, subjects, locations: of the largest budget.
 
     Returns:
-        dict with ``slope_per_decade``, ``intercept``, ``status`` (``"fit"``, ``"already above zero"``,
-        ``"not improving with budget"`` or ``"one budget"``) and, when projected, ``epochs_zero``,
-        ``epochs_significant``, ``hours_zero`` and ``hours_significant`` (one run, at ``s_per_step``).
+        dict with ``slope_per_decade``, ``intercept``, ``status`` and, when projected,
+        ``epochs_zero`` (NaN when the mean is already above zero), ``epochs_significant``,
+        ``hours_zero``, ``hours_significant`` (one run, at ``s_per_step``) and
+        ``within_paper_schedule`` (``epochs_significant`` <= the paper's 20 epochs). ``status``:
+        ``"already significant"`` (the largest budget's interval is above zero), ``"not improving
+        with budget"`` (slope <= 0), ``"above zero, not yet significant"``, ``"fit"`` (below zero
+        and improving) or ``"one budget"``.
     """
     import numpy as np
 
@@ -142,15 +146,17 @@ def project(points: "pd.DataFrame", s_per_step: float, batch: int, subjects: int
     slope, intercept = np.polyfit(x, pts["diff"].to_numpy(float), 1)
     out.update(slope_per_decade=float(slope), intercept=float(intercept))
     if last["ci_low"] > 0:
-        return {**out, "status": "already above zero"}
+        return {**out, "status": "already significant"}
     if slope <= 0:
         return {**out, "status": "not improving with budget"}
     half = (last["ci_high"] - last["ci_low"]) / 2
     to_hours = subjects * locations / batch * s_per_step / 3600  # hours per epoch
-    e0 = 10 ** (-intercept / slope)
+    above = last["diff"] > 0
+    e0 = float("nan") if above else 10 ** (-intercept / slope)
     es = 10 ** ((half - intercept) / slope)
-    return {**out, "status": "fit", "epochs_zero": float(e0), "epochs_significant": float(es),
-            "hours_zero": float(e0 * to_hours), "hours_significant": float(es * to_hours)}
+    return {**out, "status": "above zero, not yet significant" if above else "fit",
+            "epochs_zero": float(e0), "epochs_significant": float(es), "hours_zero": float(e0 * to_hours),
+            "hours_significant": float(es * to_hours), "within_paper_schedule": bool(es <= PAPER_EPOCHS)}
 
 
 def plot(table, primary: dict, path: Path) -> None:
@@ -227,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table.round(3).to_string(index=False))
     show = proj[["a", "b", "task", "status", "slope_per_decade", "epochs_zero", "epochs_significant",
                  "hours_significant"]] if "epochs_zero" in proj else proj
+    pd.set_option("display.float_format", lambda v: f"{v:.3g}")
     print(show.round(3).to_string(index=False))
     print(f"[paper_learning_curve] budgets (epochs): {[round(b['epochs'], 4) for b in budgets]}; "
           f"{s_step:.2f} s a step; results in {out}")

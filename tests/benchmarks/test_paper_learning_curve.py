@@ -53,30 +53,38 @@ def test_epochs_fit_and_projection(tmp_path, capsys):
     s1, s2 = round(0.01 * n_loc / 32), round(0.1 * n_loc / 32)
     e1, e2 = s1 * 32 / n_loc, s2 * 32 / n_loc
     # DrasCLR - MoCo on FEV1pp gains 0.05 per decade of budget, reaching 0 at 1 epoch (by construction);
-    # DrasCLR - qct loses with budget; qct+DrasCLR - qct is already above zero
+    # DrasCLR - qct loses with budget; qct+DrasCLR - qct is already above zero with its interval;
+    # DrasCLR - MoCo on survival is above zero in the mean only, gaining 0.005 a decade (+0.015 at 1 epoch)
     d = lambda e: 0.05 * math.log10(e)  # noqa: E731
+    sv = lambda e: 0.015 + 0.005 * math.log10(e)  # noqa: E731
     # b1's DrasCLR runs took 1.2 and 1.4 s a step (median 1.3; MoCo's faster steps are not DrasCLR's)
     b1 = _budget(tmp_path / "b1", s1, {("drasclr", "moco", "FEV1pp"): d(e1), ("drasclr", "qct", "FEV1pp"): -0.1,
-                                       ("qct+drasclr", "qct", "FEV1pp"): 0.05},
+                                       ("qct+drasclr", "qct", "FEV1pp"): 0.05,
+                                       ("drasclr", "moco", "survival"): sv(e1)},
                  rates={"drasclr@0": 1.2, "drasclr@1": 1.4, "moco@0": 0.3}, pretrain_s=999.0)
     # b2 has no histories: 2 pretrained methods x 2 seeds x s2 steps took 4 * s2 * 1.0 s, 1.0 s a step
     # averaged over DrasCLR and the faster MoCo: faster than b1's DrasCLR steps, but not a DrasCLR step
     b2 = _budget(tmp_path / "b2", s2, {("drasclr", "moco", "FEV1pp"): d(e2), ("drasclr", "qct", "FEV1pp"): -0.2,
-                                       ("qct+drasclr", "qct", "FEV1pp"): 0.06}, pretrain_s=4 * s2 * 1.0)
+                                       ("qct+drasclr", "qct", "FEV1pp"): 0.06,
+                                       ("drasclr", "moco", "survival"): sv(e2)}, pretrain_s=4 * s2 * 1.0)
     out = tmp_path / "out"
     assert mod.main([str(b2), str(b1), "--out", str(out)]) == 0  # any order: sorted by budget
     table = pd.read_csv(out / "learning_curve.csv")
-    assert set(table.metric) == {"r2"} and len(table) == 6
-    assert table[(table.a == "drasclr") & (table.b == "moco")].epochs.tolist() == pytest.approx([e1, e2])
-    proj = pd.read_csv(out / "projection.csv").set_index(["a", "b"])
-    row = proj.loc[("drasclr", "moco")]
+    assert set(table.metric) == {"r2", "c_index"} and len(table) == 8
+    assert table[(table.a == "drasclr") & (table.b == "moco") & (table.task == "FEV1pp")].epochs.tolist() == pytest.approx([e1, e2])
+    proj = pd.read_csv(out / "projection.csv").set_index(["a", "b", "task"])
+    row = proj.loc[("drasclr", "moco", "FEV1pp")]
     assert row.status == "fit" and row.slope_per_decade == pytest.approx(0.05)
     assert row.epochs_zero == pytest.approx(1.0)
     assert row.epochs_significant == pytest.approx(10 ** (0.02 / 0.05))  # the largest budget's half-width
     hours_per_epoch = n_loc / 32 * 1.3 / 3600  # the DrasCLR runs' own steps before the stage average
     assert row.hours_significant == pytest.approx(row.epochs_significant * hours_per_epoch)
-    assert proj.loc[("drasclr", "qct")].status == "not improving with budget"
-    assert proj.loc[("qct+drasclr", "qct")].status == "already above zero"
+    assert bool(row.within_paper_schedule)  # 2.5 epochs <= the paper's 20
+    assert proj.loc[("drasclr", "qct", "FEV1pp")].status == "not improving with budget"
+    assert proj.loc[("qct+drasclr", "qct", "FEV1pp")].status == "already significant"
+    surv = proj.loc[("drasclr", "moco", "survival")]
+    assert surv.status == "above zero, not yet significant" and math.isnan(surv.epochs_zero)
+    assert surv.epochs_significant == pytest.approx(10.0)  # 0.015 + 0.005 log10(e) = the half-width 0.02
     assert (out / "learning_curve.png").stat().st_size > 0
     info = json.loads((out / "learning_curve.json").read_text(encoding="utf-8"))
     assert info["s_per_step_used"] == pytest.approx(1.3) and len(info["budgets"]) == 2

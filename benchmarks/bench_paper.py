@@ -157,10 +157,41 @@ def versions() -> dict:
                                     capture_output=True, text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
+    from drasclr_lib.training.config import cpu_has_bf16
+
+    cpu = platform.processor() or None
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
             "pandas": pandas.__version__, "sklearn": sklearn.__version__, "lifelines": lifelines.__version__,
-            "git_commit": commit, "git_dirty": dirty, "platform": platform.platform(),
-            "torch_threads": torch.get_num_threads()}
+            "git_commit": commit, "git_dirty": dirty, "platform": platform.platform(), "cpu": cpu,
+            "cpu_bf16": cpu_has_bf16(), "torch_threads": torch.get_num_threads()}
+
+
+def run_record(checkpoint: Path) -> dict:
+    """What a pretraining run used and how fast it went, from its ``config.json`` and ``history.csv``
+    (kept in ``paper.json``, so the figures outlive the ``--work`` cache): ``precision``,
+    ``memory_format``, ``steps`` and ``s_per_step`` (the run's seconds at its last logged step over
+    that step, summed over resumed invocations). Missing files give None."""
+    import pandas as pd
+
+    run = Path(checkpoint).parent
+    out = {"precision": None, "memory_format": None, "steps": None, "s_per_step": None}
+    try:
+        eff = json.loads((run / "config.json").read_text(encoding="utf-8")).get("effective", {})
+        out.update(precision=eff.get("precision"), memory_format=eff.get("memory_format"))
+    except (OSError, ValueError):
+        pass
+    try:
+        h = pd.read_csv(run / "history.csv")
+        step, seconds = int(h["step"].iloc[-1]), float(h["seconds"].iloc[-1])
+        out.update(steps=step, s_per_step=round(seconds / step, 4) if step else None)
+    except (OSError, KeyError, IndexError, ValueError):
+        pass
+    return out
 
 
 def oracle_columns(table) -> tuple[list[str], list[str]]:
@@ -492,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     save_json({"setting": setting, "num_subjects": store.num_subjects, "num_locations": store.num_locations,
                "store": str(store.root), "timings_s": timings, "timings_total_s": totals,
                "versions": versions(), "weights": {k: f"{checkpoints[k]} ({v})" for k, v in sources.items()},
+               "pretrain_runs": {k: run_record(checkpoints[k]) for k in checkpoints},
                "oracle_columns": oracle_used, "oracle_missing": oracle_missing,
                "patch_oracle": "none: at patch level the generator's truth is the subtype target itself",
                "pairs": [list(p) for p in PAIRS], "primary_metrics": PRIMARY,

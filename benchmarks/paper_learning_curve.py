@@ -21,7 +21,8 @@ as ``a + b log10(epochs)`` over the budgets; where the slope is positive and the
 largest budget is not yet above zero, the fit is extrapolated to the budget where the difference
 would be 0 and where it would equal the half-width of its largest-budget interval (i.e. exclude
 zero if the width stayed the same), and converted to the hours of one DrasCLR pretraining run at the
-fastest measured seconds per DrasCLR step over the budgets (from the runs' ``history.csv``; the
+fastest measured seconds per DrasCLR step over the budgets (``paper.json``'s ``pretrain_runs``, else the runs'
+``history.csv``; only where no budget has either, the pretraining stage's average over all methods; the
 least disturbed by other jobs and by start-up). With two or three budgets this is a rough projection, and it says so:
 ``learning_curve.json`` keeps every input figure.
 
@@ -51,8 +52,8 @@ def load_budget(folder: Path) -> dict:
 
     Returns:
         dict with ``folder``, ``steps``, ``batch``, ``subjects``, ``locations``, ``seeds``,
-        ``epochs`` (steps x batch / (subjects x locations)), ``s_per_step`` (a DrasCLR step, from
-        its runs' ``history.csv``; else the pretraining stage's seconds over runs x steps; NaN when
+        ``epochs`` (steps x batch / (subjects x locations)), ``s_per_step`` (a DrasCLR step:
+        :func:`drasclr_seconds_per_step`; else the pretraining stage's seconds over runs x steps; NaN when
         unknown), ``s_per_step_source`` and ``paired`` (the ``paired.csv`` DataFrame).
 
     Raises:
@@ -72,22 +73,32 @@ def load_budget(folder: Path) -> dict:
     runs = sum(m != "random" for m in methods) * int(setting["seeds"])
     pretrain_s = info.get("timings_total_s", {}).get("pretrain", float("nan"))
     s_step, source = (pretrain_s / (runs * steps) if runs else float("nan")), "pretrain stage / runs x steps"
-    drasclr = drasclr_seconds_per_step(info.get("weights", {}))
+    drasclr, where = drasclr_seconds_per_step(info)
     if drasclr == drasclr:
-        s_step, source = drasclr, "DrasCLR runs' history.csv"
+        s_step, source = drasclr, where
     return {"folder": str(folder), "steps": steps, "batch": batch, "subjects": subjects, "locations": locations,
             "seeds": int(setting["seeds"]), "epochs": steps * batch / (subjects * locations),
             "s_per_step": s_step, "s_per_step_source": source, "paired": pd.read_csv(paired_path)}
 
 
-def drasclr_seconds_per_step(weights: dict) -> float:
-    """Median seconds per step of the DrasCLR runs named in ``paper.json``'s ``weights``, from the
-    ``seconds`` column of each run's ``history.csv``; NaN when none is readable (a moved cache)."""
+def drasclr_seconds_per_step(info: dict) -> tuple[float, str]:
+    """Median seconds per step of the DrasCLR runs of one ``paper.json``: from its ``pretrain_runs``
+    (recorded by ``bench_paper.py``), else from the ``history.csv`` of each run named in its
+    ``weights``; ``(NaN, "")`` when neither is readable (an older results folder whose cache moved).
+
+    Returns:
+        ``(seconds, source)``, source ``"DrasCLR runs (paper.json)"`` or ``"DrasCLR runs' history.csv"``.
+    """
     import numpy as np
     import pandas as pd
 
+    recorded = [r.get("s_per_step") for name, r in info.get("pretrain_runs", {}).items()
+                if name.split("@")[0] == "drasclr"]
+    recorded = [float(r) for r in recorded if r]
+    if recorded:
+        return float(np.median(recorded)), "DrasCLR runs (paper.json)"
     rates = []
-    for name, where in weights.items():
+    for name, where in info.get("weights", {}).items():
         if name.split("@")[0] != "drasclr":
             continue
         history = Path(where.rsplit(" (", 1)[0]).parent / "history.csv"
@@ -96,7 +107,7 @@ def drasclr_seconds_per_step(weights: dict) -> float:
             rates.append(float(h["seconds"].iloc[-1]) / float(h["step"].iloc[-1]))
         except (OSError, KeyError, IndexError, ValueError, ZeroDivisionError):
             continue
-    return float(np.median(rates)) if rates else float("nan")
+    return (float(np.median(rates)), "DrasCLR runs' history.csv") if rates else (float("nan"), "")
 
 
 def curve(budgets: list[dict], primary: dict) -> "pd.DataFrame":  # noqa: F821
@@ -212,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     # the fastest measured step: the least disturbed by other jobs and by start-up over few steps
     # (a DrasCLR run's own history first: the stage average mixes in the faster MoCo steps)
     timed = [b for b in budgets if b["s_per_step"] == b["s_per_step"]]
-    own = [b for b in timed if b["s_per_step_source"].endswith("history.csv")]
+    own = [b for b in timed if b["s_per_step_source"].startswith("DrasCLR")]
     s_step = min((b["s_per_step"] for b in (own or timed)), default=float("nan"))
     rows = []
     for (a, b, task, metric), part in table.groupby(["a", "b", "task", "metric"], sort=False):

@@ -101,7 +101,11 @@ def test_bench_paper_tiny(paper_store, tmp_path):
     assert "laa950" in set(seg[seg.kind == "rule"].init) and "dice_paraseptal" in seg.columns
     info = json.loads((results / "paper.json").read_text(encoding="utf-8"))
     assert set(info["timings_s"]) == {"cohort", "store", "pretrain", "embed", "downstream", "segmentation", "tables"}
-    assert {"python", "torch", "numpy", "sklearn", "lifelines", "git_commit"} <= set(info["versions"])
+    assert {"python", "torch", "numpy", "sklearn", "lifelines", "git_commit", "cpu"} <= set(info["versions"])
+    # every pretraining run's precision and speed outlive the cache
+    runs = info["pretrain_runs"]
+    assert set(runs) == {k for k in info["weights"] if not k.startswith("random")} and runs
+    assert all(r["precision"] in ("fp32", "bf16") and r["s_per_step"] > 0 and r["steps"] > 0 for r in runs.values())
     assert info["oracle_columns"] == ["airway_wall", "age"] and "mucus_plugging" in info["oracle_missing"]
     # a second run reuses every cached stage and writes the same per-fold table
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)

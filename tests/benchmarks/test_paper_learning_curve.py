@@ -22,9 +22,11 @@ def _module():
 
 
 def _budget(folder: Path, steps: int, diffs: dict, half: float = 0.02, pretrain_s: float | None = None,
-            subjects: int = 100, methods=("drasclr", "moco"), rates: dict | None = None) -> Path:
+            subjects: int = 100, methods=("drasclr", "moco"), rates: dict | None = None,
+            recorded: dict | None = None) -> Path:
     """A results folder: ``steps`` of batch 32 on ``subjects`` x 581; ``diffs`` {(a, b, task): diff};
-    ``rates`` {"method@seed": seconds per step} writes those runs' ``history.csv``."""
+    ``rates`` {"method@seed": seconds per step} writes those runs' ``history.csv``; ``recorded``
+    (the same) goes into ``paper.json``'s ``pretrain_runs``."""
     folder.mkdir(parents=True)
     info = {"setting": {"max_steps": steps, "batch_size": 32, "batch_size_used": 32, "seeds": 2,
                         "methods": list(methods)},
@@ -34,6 +36,8 @@ def _budget(folder: Path, steps: int, diffs: dict, half: float = 0.02, pretrain_
         run.mkdir(parents=True)
         pd.DataFrame({"step": [10, steps], "seconds": [10 * rate + 5, steps * rate]}).to_csv(run / "history.csv")
         info["weights"][name] = f"{run / 'checkpoint.pt'} (trained)"
+    if recorded:
+        info["pretrain_runs"] = {k: {"precision": "fp32", "steps": steps, "s_per_step": v} for k, v in recorded.items()}
     if pretrain_s is not None:
         info["timings_total_s"]["pretrain"] = pretrain_s
     (folder / "paper.json").write_text(json.dumps(info), encoding="utf-8")
@@ -49,9 +53,9 @@ def _budget(folder: Path, steps: int, diffs: dict, half: float = 0.02, pretrain_
 def test_epochs_fit_and_projection(tmp_path, capsys):
     mod = _module()
     n_loc = 100 * 581
-    # epochs = steps * 32 / (100 * 581): choose steps so that the budgets are 0.01 and 0.1 epochs
-    s1, s2 = round(0.01 * n_loc / 32), round(0.1 * n_loc / 32)
-    e1, e2 = s1 * 32 / n_loc, s2 * 32 / n_loc
+    # epochs = steps * 32 / (100 * 581): choose steps so that the budgets are 0.01, 0.1 and 0.5 epochs
+    s1, s2, s3 = round(0.01 * n_loc / 32), round(0.1 * n_loc / 32), round(0.5 * n_loc / 32)
+    e1, e2, e3 = s1 * 32 / n_loc, s2 * 32 / n_loc, s3 * 32 / n_loc
     # DrasCLR - MoCo on FEV1pp gains 0.05 per decade of budget, reaching 0 at 1 epoch (by construction);
     # DrasCLR - qct loses with budget; qct+DrasCLR - qct is already above zero with its interval;
     # DrasCLR - MoCo on survival is above zero in the mean only, gaining 0.005 a decade (+0.015 at 1 epoch)
@@ -62,16 +66,21 @@ def test_epochs_fit_and_projection(tmp_path, capsys):
                                        ("qct+drasclr", "qct", "FEV1pp"): 0.05,
                                        ("drasclr", "moco", "survival"): sv(e1)},
                  rates={"drasclr@0": 1.2, "drasclr@1": 1.4, "moco@0": 0.3}, pretrain_s=999.0)
-    # b2 has no histories: 2 pretrained methods x 2 seeds x s2 steps took 4 * s2 * 1.0 s, 1.0 s a step
-    # averaged over DrasCLR and the faster MoCo: faster than b1's DrasCLR steps, but not a DrasCLR step
+    # b2 recorded its DrasCLR runs in paper.json (1.35 s a step; its cache has gone)
     b2 = _budget(tmp_path / "b2", s2, {("drasclr", "moco", "FEV1pp"): d(e2), ("drasclr", "qct", "FEV1pp"): -0.2,
                                        ("qct+drasclr", "qct", "FEV1pp"): 0.06,
-                                       ("drasclr", "moco", "survival"): sv(e2)}, pretrain_s=4 * s2 * 1.0)
+                                       ("drasclr", "moco", "survival"): sv(e2)},
+                 recorded={"drasclr@0": 1.35, "moco@0": 0.2}, pretrain_s=999.0)
+    # b3 has neither: 2 pretrained methods x 2 seeds x s3 steps took 4 * s3 * 1.0 s, 1.0 s a step
+    # averaged over DrasCLR and the faster MoCo: faster than the others' DrasCLR steps, but not a DrasCLR step
+    b3 = _budget(tmp_path / "b3", s3, {("drasclr", "moco", "FEV1pp"): d(e3), ("drasclr", "qct", "FEV1pp"): -0.3,
+                                       ("qct+drasclr", "qct", "FEV1pp"): 0.07,
+                                       ("drasclr", "moco", "survival"): sv(e3)}, pretrain_s=4 * s3 * 1.0)
     out = tmp_path / "out"
-    assert mod.main([str(b2), str(b1), "--out", str(out)]) == 0  # any order: sorted by budget
+    assert mod.main([str(b3), str(b2), str(b1), "--out", str(out)]) == 0  # any order: sorted by budget
     table = pd.read_csv(out / "learning_curve.csv")
-    assert set(table.metric) == {"r2", "c_index"} and len(table) == 8
-    assert table[(table.a == "drasclr") & (table.b == "moco") & (table.task == "FEV1pp")].epochs.tolist() == pytest.approx([e1, e2])
+    assert set(table.metric) == {"r2", "c_index"} and len(table) == 12
+    assert table[(table.a == "drasclr") & (table.b == "moco") & (table.task == "FEV1pp")].epochs.tolist() == pytest.approx([e1, e2, e3])
     proj = pd.read_csv(out / "projection.csv").set_index(["a", "b", "task"])
     row = proj.loc[("drasclr", "moco", "FEV1pp")]
     assert row.status == "fit" and row.slope_per_decade == pytest.approx(0.05)
@@ -87,9 +96,11 @@ def test_epochs_fit_and_projection(tmp_path, capsys):
     assert surv.epochs_significant == pytest.approx(10.0)  # 0.015 + 0.005 log10(e) = the half-width 0.02
     assert (out / "learning_curve.png").stat().st_size > 0
     info = json.loads((out / "learning_curve.json").read_text(encoding="utf-8"))
-    assert info["s_per_step_used"] == pytest.approx(1.3) and len(info["budgets"]) == 2
+    assert info["s_per_step_used"] == pytest.approx(1.3) and len(info["budgets"]) == 3
     assert [b["s_per_step_source"] for b in info["budgets"]] == ["DrasCLR runs' history.csv",
+                                                                 "DrasCLR runs (paper.json)",
                                                                  "pretrain stage / runs x steps"]
+    assert [b["s_per_step"] for b in info["budgets"]] == pytest.approx([1.3, 1.35, 1.0])
     assert "drasclr" in capsys.readouterr().out
 
 

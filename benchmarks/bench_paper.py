@@ -7,7 +7,11 @@ Stages (a progress bar over them; each one cached in ``--work``, so a killed run
 2. ``store``: its patch store (``preprocess_cohort``);
 3. ``pretrain``: DrasCLR, DrasCLR without the neighbour loss and plain MoCo, each with ``--seeds``
    pretraining seeds at one budget (``--max-steps`` steps of ``--batch-size``;
-   ``drasclr_lib.training.runs.ensure_checkpoint``: a finished run is reused, an unfinished one resumed);
+   ``drasclr_lib.training.runs.ensure_checkpoint``: a finished run is reused, an unfinished one resumed
+   from its last checkpoint, written every 100 steps). A run is one epoch of the store at most (subjects
+   // batch x locations steps: 588 for the default 150 subjects x 147 locations at batch 32), with its
+   cosine learning-rate schedule spanning that epoch; ``--max-steps`` stops it earlier on the same
+   schedule, so with the same seed a shorter budget is the beginning of a longer one;
 4. ``embed``: patch embeddings of every encoder instance, random weights per seed included
    (``<work>/embeddings/<method>_s<seed>.npz``, reused while the checkpoint's weights are the same);
 5. ``downstream``: ``--repeats`` R x ``--folds`` K cross-validation; one ``run_downstream`` call per
@@ -172,11 +176,11 @@ def versions() -> dict:
 
 
 def run_record(checkpoint: Path) -> dict:
-    """What a pretraining run used and how fast it went, from its ``config.json`` and ``history.csv``
-    (kept in ``paper.json``, so the figures outlive the ``--work`` cache): ``precision``,
-    ``memory_format``, ``steps`` and ``s_per_step`` (the run's seconds at its last logged step over
-    that step, summed over resumed invocations). Missing files give None."""
-    import pandas as pd
+    """What a pretraining run used and how fast it went (kept in ``paper.json``, so the figures outlive
+    the ``--work`` cache): ``precision`` and ``memory_format`` from its ``config.json``; ``steps`` and
+    ``s_per_step`` from its checkpoint (the step it stopped at and its seconds, summed over resumed
+    invocations; read with ``weights_only=True``). What cannot be read is None."""
+    from drasclr_lib.training.checkpoint import load_checkpoint
 
     run = Path(checkpoint).parent
     out = {"precision": None, "memory_format": None, "steps": None, "s_per_step": None}
@@ -186,10 +190,10 @@ def run_record(checkpoint: Path) -> dict:
     except (OSError, ValueError):
         pass
     try:
-        h = pd.read_csv(run / "history.csv")
-        step, seconds = int(h["step"].iloc[-1]), float(h["seconds"].iloc[-1])
-        out.update(steps=step, s_per_step=round(seconds / step, 4) if step else None)
-    except (OSError, KeyError, IndexError, ValueError):
+        ckpt = load_checkpoint(checkpoint)
+        step, seconds = int(ckpt["step"]), float(ckpt.get("seconds", 0.0))
+        out.update(steps=step, s_per_step=round(seconds / step, 4) if step and seconds else None)
+    except (OSError, KeyError, ValueError):
         pass
     return out
 
@@ -485,8 +489,18 @@ def main(argv: list[str] | None = None) -> int:
             bar.set_postfix_str(f"pretrain {m} seed {s}")
             base = PretrainConfig(store=str(store.root), epochs=1, max_steps=args.max_steps, batch_size=batch,
                                   lr=args.lr, queue_size=args.queue_size, seed=s, workers=args.workers,
-                                  device=args.device, tensorboard=False, progress=False)
+                                  device=args.device, tensorboard=False, progress=False,
+                                  # a killed run loses at most 100 steps (not part of the run's identity)
+                                  save_every_steps=100)
             checkpoints[f"{m}@{s}"], sources[f"{m}@{s}"] = ensure_checkpoint(m, base, work / "runs")
+    trained = {k: run_record(v) for k, v in checkpoints.items()}
+    short = sorted({r["steps"] for r in trained.values() if r["steps"] and r["steps"] < args.max_steps})
+    if short:
+        print(f"\n[bench_paper] note: the pretraining runs stopped at {short} steps: one epoch of this store "
+              f"({store.num_subjects} subjects x {store.num_locations} locations, batches of {batch}). "
+              f"bench_paper pretrains one epoch at most, its cosine schedule spanning that epoch; "
+              f"--max-steps {args.max_steps} asks for more. paper.json records the steps trained.",
+              file=sys.stderr)
     done("pretrain")
 
     # 4-5. embeddings and the repeated cross-validation
@@ -523,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     save_json({"setting": setting, "num_subjects": store.num_subjects, "num_locations": store.num_locations,
                "store": str(store.root), "timings_s": timings, "timings_total_s": totals,
                "versions": versions(), "weights": {k: f"{checkpoints[k]} ({v})" for k, v in sources.items()},
-               "pretrain_runs": {k: run_record(checkpoints[k]) for k in checkpoints},
+               "pretrain_runs": trained,
                "oracle_columns": oracle_used, "oracle_missing": oracle_missing,
                "patch_oracle": "none: at patch level the generator's truth is the subtype target itself",
                "pairs": [list(p) for p in PAIRS], "primary_metrics": PRIMARY,

@@ -10,9 +10,12 @@ the long budget)::
     python benchmarks/bench_paper.py --store $S --work /tmp/lc50 --max-steps 50 \\
         --methods drasclr,moco --no-segmentation --results benchmarks/results/paper_steps50
     python benchmarks/bench_paper.py --store $S --work /tmp/lc800 --max-steps 800 --seeds 1 \\
-        --methods drasclr,moco --no-segmentation --results benchmarks/results/paper_steps800
+        --methods drasclr,moco --no-segmentation --results benchmarks/results/paper_epoch1
     python benchmarks/paper_learning_curve.py benchmarks/results/paper_steps50 \\
-        benchmarks/results/paper benchmarks/results/paper_steps800
+        benchmarks/results/paper benchmarks/results/paper_epoch1
+
+(``--max-steps 800`` is more than the 588 steps of one epoch of this store, where ``bench_paper``
+stops: the last budget is the whole one-epoch schedule, and the shorter ones are its beginning.)
 
 The budget is given in **epochs**: anchors seen (steps x batch) over the subject-locations of the
 store (subjects x its locations: 581 on the atlas's grid, fewer at the synthetic demo size), the unit of the paper's schedule (20 epochs). For every pair of
@@ -51,7 +54,8 @@ def load_budget(folder: Path) -> dict:
     """One results folder of ``bench_paper.py``: its budget and its paired differences.
 
     Returns:
-        dict with ``folder``, ``steps``, ``batch``, ``subjects``, ``locations``, ``seeds``,
+        dict with ``folder``, ``steps`` (trained: ``paper.json``'s ``pretrain_runs``, else
+        ``--max-steps``), ``batch``, ``subjects``, ``locations``, ``seeds``,
         ``epochs`` (steps x batch / (subjects x locations)), ``s_per_step`` (a DrasCLR step:
         :func:`drasclr_seconds_per_step`; else the pretraining stage's seconds over runs x steps; NaN when
         unknown), ``s_per_step_source`` and ``paired`` (the ``paired.csv`` DataFrame).
@@ -67,7 +71,10 @@ def load_budget(folder: Path) -> dict:
             raise FileNotFoundError(f"{folder}: no {p.name}; is it a bench_paper.py results folder?")
     info = json.loads(info_path.read_text(encoding="utf-8"))
     setting = info["setting"]
-    steps, batch = int(setting["max_steps"]), int(setting.get("batch_size_used", setting["batch_size"]))
+    batch = int(setting.get("batch_size_used", setting["batch_size"]))
+    # the steps the runs trained (bench_paper stops at one epoch, whatever --max-steps asked)
+    trained = [int(r["steps"]) for r in info.get("pretrain_runs", {}).values() if r.get("steps")]
+    steps = max(trained) if trained else int(setting["max_steps"])
     subjects, locations = int(info["num_subjects"]), int(info["num_locations"])
     methods = setting.get("methods", ["drasclr", "moco", "drasclr_no_nbr", "random"])
     runs = sum(m != "random" for m in methods) * int(setting["seeds"])

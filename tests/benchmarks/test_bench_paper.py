@@ -124,6 +124,16 @@ def test_bench_paper_tiny(paper_store, tmp_path):
     assert set(pf3.method) == {"drasclr", "moco", "qct", "qct+drasclr", "oracle"}
     assert not (narrow / "segmentation.csv").exists()
     assert json.loads((narrow / "paper.json").read_text(encoding="utf-8"))["setting"]["methods"] == ["drasclr", "moco"]
+    # a budget beyond one epoch (16 subjects // 4 x 4 locations = 16 steps) stops there, says so and
+    # records the steps trained, which the learning curve reads
+    epoch = results.parent / "epoch"
+    cmd_epoch = [*cmd_narrow[:cmd_narrow.index("--results") + 1], str(epoch),
+                 *cmd_narrow[cmd_narrow.index("--results") + 2:], "--max-steps", "40", "--seeds", "1"]
+    proc = subprocess.run(cmd_epoch, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stopped at [16] steps" in proc.stderr
+    runs = json.loads((epoch / "paper.json").read_text(encoding="utf-8"))["pretrain_runs"]
+    assert set(runs) == {"drasclr@0", "moco@0"} and {r["steps"] for r in runs.values()} == {16}
 
 
 @pytest.mark.parametrize("extra, message", [(["--methods", "drasclr,simclr"], "unknown ['simclr']"),

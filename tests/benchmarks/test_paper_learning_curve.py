@@ -23,12 +23,13 @@ def _module():
 
 def _budget(folder: Path, steps: int, diffs: dict, half: float = 0.02, pretrain_s: float | None = None,
             subjects: int = 100, methods=("drasclr", "moco"), rates: dict | None = None,
-            recorded: dict | None = None) -> Path:
+            recorded: dict | None = None, asked: int | None = None) -> Path:
     """A results folder: ``steps`` of batch 32 on ``subjects`` x 581; ``diffs`` {(a, b, task): diff};
     ``rates`` {"method@seed": seconds per step} writes those runs' ``history.csv``; ``recorded``
-    (the same) goes into ``paper.json``'s ``pretrain_runs``."""
+    (the same) goes into ``paper.json``'s ``pretrain_runs``; ``asked``: a ``--max-steps`` larger than
+    the ``steps`` the runs trained (bench_paper stops at one epoch)."""
     folder.mkdir(parents=True)
-    info = {"setting": {"max_steps": steps, "batch_size": 32, "batch_size_used": 32, "seeds": 2,
+    info = {"setting": {"max_steps": asked or steps, "batch_size": 32, "batch_size_used": 32, "seeds": 2,
                         "methods": list(methods)},
             "num_subjects": subjects, "num_locations": 581, "timings_total_s": {}, "weights": {}}
     for name, rate in (rates or {}).items():
@@ -66,11 +67,12 @@ def test_epochs_fit_and_projection(tmp_path, capsys):
                                        ("qct+drasclr", "qct", "FEV1pp"): 0.05,
                                        ("drasclr", "moco", "survival"): sv(e1)},
                  rates={"drasclr@0": 1.2, "drasclr@1": 1.4, "moco@0": 0.3}, pretrain_s=999.0)
-    # b2 recorded its DrasCLR runs in paper.json (1.35 s a step; its cache has gone)
+    # b2 recorded its DrasCLR runs in paper.json (1.35 s a step; its cache has gone); it asked for
+    # more steps than one epoch and stopped at s2
     b2 = _budget(tmp_path / "b2", s2, {("drasclr", "moco", "FEV1pp"): d(e2), ("drasclr", "qct", "FEV1pp"): -0.2,
                                        ("qct+drasclr", "qct", "FEV1pp"): 0.06,
                                        ("drasclr", "moco", "survival"): sv(e2)},
-                 recorded={"drasclr@0": 1.35, "moco@0": 0.2}, pretrain_s=999.0)
+                 recorded={"drasclr@0": 1.35, "moco@0": 0.2}, pretrain_s=999.0, asked=3 * s2)
     # b3 has neither: 2 pretrained methods x 2 seeds x s3 steps took 4 * s3 * 1.0 s, 1.0 s a step
     # averaged over DrasCLR and the faster MoCo: faster than the others' DrasCLR steps, but not a DrasCLR step
     b3 = _budget(tmp_path / "b3", s3, {("drasclr", "moco", "FEV1pp"): d(e3), ("drasclr", "qct", "FEV1pp"): -0.3,

@@ -18,8 +18,9 @@ the long budget)::
 stops: the last budget is the whole one-epoch schedule, and the shorter ones are its beginning.)
 
 The budget is given in **epochs**: anchors seen (steps x batch) over the subject-locations of the
-store (subjects x its locations: 581 on the atlas's grid, fewer at the synthetic demo size), the unit of the paper's schedule (20 epochs). For every pair of
-``bench_paper.PAIRS`` and every task's primary metric, the difference is fitted by least squares
+store (subjects x its locations: 581 on the atlas's grid, fewer at the synthetic demo size), the unit of the paper's schedule (20 epochs). For each of the three pairs the
+write-up reads (:data:`PAIRS`: DrasCLR - MoCo, DrasCLR - qct, qct+DrasCLR - qct; a subset of
+``bench_paper.PAIRS``) and every task's primary metric, the difference is fitted by least squares
 as ``a + b log10(epochs)`` over the budgets; where the slope is positive and the difference at the
 largest budget is not yet above zero, the fit is extrapolated to the budget where the difference
 would be 0 and where it would equal the half-width of its largest-budget interval (i.e. exclude

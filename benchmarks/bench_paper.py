@@ -65,7 +65,11 @@ on cores shared with three other jobs, took 37 min, most of it in DrasCLR steps 
 own loader workers. The default took 3,902 s = 65 min on the 2 idle cores (cohort 154 s, store
 699 s, of which a few minutes shared the cores with a short test run; pretrain 1,333 s for 9 runs: DrasCLR 4 min a run, MoCo and DrasCLR w/o neighbours 1.5-1.8 min;
 embed 1,088 s for 12 encoders, downstream 219 s, segmentation 408 s, tables 1 s), inside the 75 min
-the issue allows; ``benchmarks/results/paper/paper.json`` keeps the figures.
+the issue allows, on an AVX-512 CPU with native bfloat16 (the default precision "auto" pretrains in bf16). On an
+AVX2 CPU without it (AMD EPYC Zen 3, fp32) the default on cohort seed 23 took 5,243 s = 87 min (cohort
+224 s, store 810 s, pretrain 2,150 s: DrasCLR 1.9-2.1 s a step, MoCo 0.7-0.8 s; embed 1,334 s,
+downstream 266 s, segmentation 456 s): over the 75 min; ``--seeds 2`` should fit it there.
+``benchmarks/results/paper{,_seed23}/paper.json`` keep the figures, the CPU and each run's precision.
 The budget goes where it buys power: subjects (the corrected interval shrinks with n, barely with
 repeats), folds and repeats (cheap: no retraining) and seeds of the pretrained encoders;
 pretraining steps stay at one small budget (``--max-steps``).

@@ -85,3 +85,37 @@ def test_run_notebooks_cli_rejects_an_unknown_parameter(capsys, tmp_path):
     with pytest.raises(SystemExit):
         runner.main(["--out", str(tmp_path), "--only", "00", "-p", "00:BATCH_SIZE=4"])
     assert "has no parameter BATCH_SIZE" in capsys.readouterr().err
+
+
+def test_missing_inputs_are_made_with_the_earlier_notebooks_settings_then_found(monkeypatch, tmp_path, capsys):
+    """On a fresh runtime (Colab, a notebook opened alone), ``input_checkpoint`` makes the cohort
+    (notebook 00's settings), the patch store (01's) and a short pretraining (02's), each where the
+    earlier notebook would have written it, says so with its time, and a second call makes nothing.
+    The committed profile is shrunk here (4 subjects, 2 steps); notebook 03's own run in an empty
+    folder (``tests/notebooks/test_03_alone.py``) checks the wiring at the committed settings."""
+    from drasclr_lib import notebook_setup
+    from drasclr_lib.data.patch_store import PatchStore
+
+    laptop = load_profile("laptop")
+    small = {**laptop,
+             "00_synthetic_cohort": {**laptop["00_synthetic_cohort"], "N_SUBJECTS": 4, "WORKERS": 1},
+             "01_preprocessing": {**laptop["01_preprocessing"], "WORKERS": 1},
+             "02_pretraining": {**laptop["02_pretraining"], "MAX_STEPS": 2, "BATCH_SIZE": 2, "QUEUE_SIZE": 2,
+                                "WORKERS": 0}}
+    monkeypatch.setattr(notebook_setup, "load_profile", lambda name, *a, **k: small)
+    monkeypatch.setenv("DRASCLR_OUT", str(tmp_path / "fresh"))
+    ckpt = notebook_setup.input_checkpoint()
+    text = capsys.readouterr().out
+    for what in ("notebook 00 has not run here: making the synthetic cohort, 4 subjects",
+                 "notebook 01's patch store is missing: preprocessing 4 subjects",
+                 "notebook 02's checkpoint is missing: a short pretraining, 2 steps of batch 2"):
+        assert what in text, (what, text)
+    assert text.count("[inputs] done in") == 3
+    root = tmp_path / "fresh"
+    assert (root / "synthetic_cohort" / "manifest.csv").is_file()
+    store = PatchStore(root / "patch_store")
+    assert store.num_subjects == 4 and store.failures().empty
+    assert ckpt == root / "02_pretraining" / "checkpoint.pt" and ckpt.is_file()
+    # the next notebook finds them all and makes nothing
+    assert notebook_setup.input_checkpoint() == ckpt and notebook_setup.input_store().num_subjects == 4
+    assert "[inputs]" not in capsys.readouterr().out

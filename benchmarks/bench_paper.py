@@ -11,9 +11,12 @@ Stages (a progress bar over them; each one cached in ``--work``, so a killed run
    from its last checkpoint, written every 100 steps). A run is one epoch of the store at most (subjects
    // batch x locations steps: 588 for the default 150 subjects x 147 locations at batch 32), with its
    cosine learning-rate schedule spanning that epoch; ``--max-steps`` stops it earlier on the same
-   schedule, so with the same seed a shorter budget is the beginning of a longer one;
-4. ``embed``: patch embeddings of every encoder instance, random weights per seed included
-   (``<work>/embeddings/<method>_s<seed>.npz``, reused while the checkpoint's weights are the same);
+   schedule, so with the same seed a shorter budget is the beginning of a longer one. Stages 3 and 4
+   run ``--jobs`` runs at a time (``auto``: 2 on a CPU with 2+ cores, each on half the cores and
+   without loader workers; 1 on a GPU);
+4. ``embed``: patch embeddings of every encoder instance, ``--random-seeds`` random-weight encoders
+   included (``<work>/embeddings/<method>_s<seed>.npz``, reused while the checkpoint's weights are the
+   same);
 5. ``downstream``: ``--repeats`` R x ``--folds`` K cross-validation; one ``run_downstream`` call per
    repeat (fold seed = repeat), so every method of a repeat is scored on the same folds
    (``<work>/downstream/repeat<r>.csv``). Methods: ``drasclr``, ``drasclr_no_nbr``, ``moco``,
@@ -56,7 +59,7 @@ Other pretraining budgets on the same store and folds (``--store``, ``--max-step
 drasclr,moco --no-segmentation``) give the learning curve: ``benchmarks/paper_learning_curve.py``.
 
 Setting and budget. Default: 150 subjects (cohort seed 17, size demo), 3 seeds x 3 pretrained
-methods at 200 steps of batch 32 (+ 3 random encoders), 3 x 5-fold CV, segmentation at 10 / 25 /
+methods at 200 steps of batch 32 (+ 1 random encoder), 3 x 5-fold CV, segmentation at 10 / 25 /
 100 % of the labels with 1 seed of 60 steps. Measured: ``--quick`` (40 subjects, 2 seeds, 30 steps of
 16, 2 x 4-fold CV, 2 fractions x 1 seed of 30 steps) took 537 s = 9 min on the 2 idle cores
 (cohort 48 s, store 155 s, pretrain 59 s, embed 174 s, downstream 13 s, segmentation 82 s, tables
@@ -68,7 +71,9 @@ embed 1,088 s for 12 encoders, downstream 219 s, segmentation 408 s, tables 1 s)
 the issue allows, on an AVX-512 CPU with native bfloat16 (the default precision "auto" pretrains in bf16). On an
 AVX2 CPU without it (AMD EPYC Zen 3, fp32) the default on cohort seed 23 took 5,243 s = 87 min (cohort
 224 s, store 810 s, pretrain 2,150 s: DrasCLR 1.9-2.1 s a step, MoCo 0.7-0.8 s; embed 1,334 s,
-downstream 266 s, segmentation 456 s): over the 75 min; ``--seeds 2`` should fit it there.
+downstream 266 s, segmentation 456 s): over the 75 min. With ``--jobs 2`` (now the CPU default) and one
+random encoder the same command took 4,581 s = 76 min there (pretrain 1,666 s, embed 1,101 s;
+``benchmarks/results/paper_seed23_jobs2/``): still just over.
 ``benchmarks/results/paper{,_seed23}/paper.json`` keep the figures, the CPU and each run's precision.
 The budget goes where it buys power: subjects (the corrected interval shrinks with n, barely with
 repeats), folds and repeats (cheap: no retraining) and seeds of the pretrained encoders;
@@ -119,7 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cohort-seed", type=int, default=17, help="seed of the synthetic cohort")
     p.add_argument("--size", default="demo", help="synthetic subject size ('demo', 'adult' or a scale)")
     p.add_argument("--store", default=None, help="an existing patch store instead of a synthetic cohort")
-    p.add_argument("--seeds", type=int, default=3, help="pretraining seeds per method (and random encoders)")
+    p.add_argument("--seeds", type=int, default=3, help="pretraining seeds per pretrained method")
+    p.add_argument("--random-seeds", type=int, default=1,
+                   help="random-weight encoders (not pretrained: more seeds buy the head-to-head comparisons nothing)")
     p.add_argument("--max-steps", type=int, default=200, help="pretraining steps per run")
     p.add_argument("--batch-size", type=int, default=32, help="pretraining batch (one location, many subjects)")
     p.add_argument("--lr", type=float, default=0.01, help="pretraining lr at batch 128, scaled to the batch")
@@ -145,6 +152,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--work", default=str(REPO / "outputs" / "bench_paper"), help="cache folder")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "paper"), help="where the tables go")
     p.add_argument("--device", default="auto")
+    p.add_argument("--jobs", default="auto",
+                   help="pretraining and embedding runs at a time, each on cores/jobs torch threads; 'auto': 2 on a "
+                        "CPU with 2+ cores (1.3x the pretraining throughput of one run on both cores), 1 on a GPU")
     p.add_argument("--quick", action="store_true",
                    help="the same tables small: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     return p
@@ -226,36 +236,107 @@ def _digest(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def embeddings_stage(store, checkpoints: dict, args, folder: Path, bar) -> dict:
-    """``{"<method>@<seed>": EmbeddingSet}``, each loaded from ``folder`` when its weights are unchanged."""
-    from drasclr_lib.embed import EmbeddingSet, embed_cohort
+def run_jobs(fn, jobs: dict, n: int, bar, label: str) -> dict:
+    """``{name: fn(*args)}`` for ``jobs = {name: args}``, ``n`` at a time.
+
+    ``n == 1`` runs them here, one after the other, on this process's torch threads. ``n > 1`` runs
+    them in ``n`` spawned processes with ``cores // n`` torch threads each: on a 2-core CPU two
+    1-thread pretraining runs train 1.3x faster together than one 2-thread run after the other
+    (small convolutions leave the second thread of one run half idle). A job that fails raises here
+    after the running ones have finished (their results are cached in ``--work``).
+    """
+    if n <= 1 or len(jobs) <= 1:
+        out = {}
+        for name, a in jobs.items():
+            bar.set_postfix_str(f"{label} {name}")
+            out[name] = fn(*a)
+        return out
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    import torch
+
+    from drasclr_lib.preprocess.resample import available_cores
+
+    threads = max(1, available_cores() // n)
+    out = {}
+    bar.set_postfix_str(f"{label}: {len(jobs)} runs, {n} at a time")
+    with ProcessPoolExecutor(max_workers=n, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
+                             initargs=(threads,)) as pool:
+        futures = {pool.submit(fn, *a): name for name, a in jobs.items()}
+        for k, fut in enumerate(as_completed(futures), 1):
+            out[futures[fut]] = fut.result()
+            bar.set_postfix_str(f"{label}: {k}/{len(jobs)} runs done ({futures[fut]})")
+    return {name: out[name] for name in jobs}
+
+
+def resolve_jobs(value: str, device: str) -> int:
+    """``--jobs``: ``"auto"`` is 2 on a CPU with 2 or more cores and 1 on a GPU; else the number given."""
+    from drasclr_lib.preprocess.resample import available_cores
+    from drasclr_lib.utils import resolve_device
+
+    if str(value) == "auto":
+        return 2 if resolve_device(device).type == "cpu" and available_cores() >= 2 else 1
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"--jobs must be 'auto' or a positive integer, got {value!r}")
+    return n
+
+
+def _pretrain_job(method: str, base, runs: Path):
+    from drasclr_lib.training.runs import ensure_checkpoint
+
+    return ensure_checkpoint(method, base, runs)
+
+
+def _embed_job(method: str, seed: int, ckpt, store_root: str, device: str, calibration_batches: int,
+               path: Path, meta: Path, key: dict) -> None:
+    from drasclr_lib.data.patch_store import PatchStore
+    from drasclr_lib.embed import embed_cohort
     from drasclr_lib.models import load_encoder, random_encoder
+    from drasclr_lib.utils import save_json
+
+    store = PatchStore(store_root)
+    enc = (load_encoder(ckpt) if ckpt else
+           random_encoder(seed=seed, store=store, device=device, calibration_batches=calibration_batches))
+    emb = embed_cohort(enc, store, device=device, progress=False,
+                       meta={"method": method, "seed": seed, "checkpoint": str(ckpt) if ckpt else None})
+    emb.save(path)
+    save_json({"key": key, "checkpoint": str(ckpt) if ckpt else None}, meta)
+
+
+def encoder_seeds(method: str, args) -> range:
+    """Seeds of one method: ``--seeds`` for a pretrained one, ``--random-seeds`` for random weights."""
+    return range(args.random_seeds if method == "random" else args.seeds)
+
+
+def embeddings_stage(store, checkpoints: dict, args, folder: Path, bar) -> dict:
+    """``{"<method>@<seed>": EmbeddingSet}``, each loaded from ``folder`` when its weights are unchanged.
+
+    The missing ones are computed ``args.jobs`` at a time (:func:`run_jobs`).
+    """
+    from drasclr_lib.embed import EmbeddingSet
     from drasclr_lib.models.fingerprint import encoder_digest, store_digest
-    from drasclr_lib.utils import load_json, save_json
+    from drasclr_lib.utils import load_json
 
     folder.mkdir(parents=True, exist_ok=True)
     sdig = store_digest(store)
-    out = {}
+    files, todo = {}, {}
     for m in [m for m in ENCODERS if m in args.methods]:
-        for s in range(args.seeds):
+        for s in encoder_seeds(m, args):
             name = f"{m}@{s}"
-            bar.set_postfix_str(f"embed {name}")
             ckpt = checkpoints.get(name)
             key = {"store": sdig, "weights": encoder_digest(ckpt) if ckpt else
                    f"random seed {s}, {args.calibration_batches} calibration batches"}
             path, meta = folder / f"{m}_s{s}.npz", folder / f"{m}_s{s}.json"
-            if path.exists() and meta.exists() and load_json(meta).get("key") == key:
-                out[name] = EmbeddingSet.load(path)
-                continue
-            enc = (load_encoder(ckpt) if ckpt else
-                   random_encoder(seed=s, store=store, device=args.device,
-                                  calibration_batches=args.calibration_batches))
-            emb = embed_cohort(enc, store, device=args.device, progress=False,
-                               meta={"method": m, "seed": s, "checkpoint": str(ckpt) if ckpt else None})
-            emb.save(path)
-            save_json({"key": key, "checkpoint": str(ckpt) if ckpt else None}, meta)
-            out[name] = emb
-    return out
+            files[name] = path
+            if not (path.exists() and meta.exists() and load_json(meta).get("key") == key):
+                todo[name] = (m, s, ckpt, str(store.root), args.device, args.calibration_batches, path, meta, key)
+    run_jobs(_embed_job, todo, args.jobs, bar, "embed")
+    return {name: EmbeddingSet.load(path) for name, path in files.items()}
 
 
 def downstream_stage(store, embeddings: dict, args, folder: Path, bar) -> tuple:
@@ -426,6 +507,10 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, k) == parser.get_default(k):
                 setattr(args, k, v)
     args.methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    try:
+        args.jobs = resolve_jobs(args.jobs, args.device)
+    except ValueError as err:
+        parser.error(str(err))
     unknown = sorted(set(args.methods) - set(ENCODERS))
     if unknown or not args.methods:
         parser.error(f"--methods: unknown {unknown or 'none given'}; choose from {','.join(ENCODERS)}")
@@ -441,7 +526,6 @@ def main(argv: list[str] | None = None) -> int:
     from drasclr_lib.data.patch_store import PatchStore
     from drasclr_lib.downstream.stats import paired_differences, summarise_scores
     from drasclr_lib.training import PretrainConfig
-    from drasclr_lib.training.runs import ensure_checkpoint
     from drasclr_lib.utils import atomic_path, load_json, save_json
 
     if args.store:
@@ -487,16 +571,20 @@ def main(argv: list[str] | None = None) -> int:
 
     # 3. pretraining: every method x seed at one budget
     batch = min(args.batch_size, store.num_subjects)
-    checkpoints, sources = {}, {}
-    for m in [m for m in PRETRAINED if m in args.methods]:
+    # two runs at a time on one core each have no core to spare for loader workers
+    workers = args.workers if args.jobs == 1 else 0
+    jobs = {}
+    for m in [m for m in PRETRAINED if m in args.methods]:  # DrasCLR first: the longest runs start first
         for s in range(args.seeds):
-            bar.set_postfix_str(f"pretrain {m} seed {s}")
             base = PretrainConfig(store=str(store.root), epochs=1, max_steps=args.max_steps, batch_size=batch,
-                                  lr=args.lr, queue_size=args.queue_size, seed=s, workers=args.workers,
+                                  lr=args.lr, queue_size=args.queue_size, seed=s, workers=workers,
                                   device=args.device, tensorboard=False, progress=False,
                                   # a killed run loses at most 100 steps (not part of the run's identity)
                                   save_every_steps=100)
-            checkpoints[f"{m}@{s}"], sources[f"{m}@{s}"] = ensure_checkpoint(m, base, work / "runs")
+            jobs[f"{m}@{s}"] = (m, base, work / "runs")
+    made = run_jobs(_pretrain_job, jobs, args.jobs, bar, "pretrain")
+    checkpoints = {k: v[0] for k, v in made.items()}
+    sources = {k: v[1] for k, v in made.items()}
     trained = {k: run_record(v) for k, v in checkpoints.items()}
     short = sorted({r["steps"] for r in trained.values() if r["steps"] and r["steps"] < args.max_steps})
     if short:

@@ -67,6 +67,7 @@ def test_bench_paper_tiny(paper_store, tmp_path):
     assert list(pf.columns) == ["method", "seed", "repeat", "fold", "task", "metric", "value", "n_train", "n_test"]
     assert set(pf.method) == {"drasclr", "moco", "drasclr_no_nbr", "random", "qct", "qct+drasclr", "oracle"}
     assert set(pf.repeat) == {0, 1} and set(pf[pf.method == "moco"].seed) == {0, 1}
+    assert set(pf[pf.method == "random"].seed) == {0}  # --random-seeds 1: random weights are not pretrained
     assert pf[pf.method.isin(["qct", "oracle"])].seed.isna().all()
     assert {"FEV1pp", "GOLD", "survival", "subtype"} <= set(pf.task)
     assert not ((pf.method == "oracle") & (pf.task == "subtype")).any()
@@ -168,3 +169,44 @@ def test_oracle_columns_follow_the_generator(monkeypatch):
     assert bench.oracle_columns(table) == (["texture", "airway_wall"], ["gone"])
     assert bench.split_name("qct+drasclr@2") == ("qct+drasclr", 2.0)
     assert bench.split_name("qct")[0] == "qct" and np.isnan(bench.split_name("qct")[1])
+
+
+class _Bar:
+    """What run_jobs needs of the tqdm bar."""
+
+    def __init__(self):
+        self.said = []
+
+    def set_postfix_str(self, text):
+        self.said.append(text)
+
+
+def test_run_jobs_runs_n_at_a_time_on_their_share_of_the_cores(monkeypatch):
+    """--jobs 2: the runs go to two spawned processes with cores // 2 torch threads each, results keyed
+    in the order given; --jobs 1 runs them here; a failing run raises once the others are done."""
+    import os
+
+    import torch
+
+    bench = _bench_module()
+    monkeypatch.setattr("drasclr_lib.preprocess.resample.available_cores", lambda: 4)
+    jobs = {f"run{i}": () for i in range(5)}
+    pids = bench.run_jobs(os.getpid, jobs, 2, _Bar(), "probe")
+    assert list(pids) == list(jobs)
+    assert os.getpid() not in pids.values() and 1 <= len(set(pids.values())) <= 2
+    assert set(bench.run_jobs(torch.get_num_threads, jobs, 2, _Bar(), "probe").values()) == {2}
+    assert set(bench.run_jobs(os.getpid, jobs, 1, _Bar(), "probe").values()) == {os.getpid()}
+    with pytest.raises(ValueError, match="invalid literal"):
+        bench.run_jobs(int, {"ok": ("1",), "bad": ("x",), "ok2": ("2",)}, 2, _Bar(), "probe")
+
+
+def test_jobs_auto_is_two_on_a_multicore_cpu_and_one_elsewhere(monkeypatch, tmp_path, capsys):
+    bench = _bench_module()
+    monkeypatch.setattr("drasclr_lib.preprocess.resample.available_cores", lambda: 2)
+    assert bench.resolve_jobs("auto", "cpu") == 2 and bench.resolve_jobs("3", "cpu") == 3
+    monkeypatch.setattr("drasclr_lib.preprocess.resample.available_cores", lambda: 1)
+    assert bench.resolve_jobs("auto", "cpu") == 1
+    with pytest.raises(SystemExit):
+        bench.main(["--work", str(tmp_path / "w"), "--results", str(tmp_path / "r"), "--jobs", "0"])
+    assert "--jobs must be 'auto' or a positive integer, got '0'" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

@@ -206,7 +206,9 @@ def test_jobs_auto_is_two_on_a_multicore_cpu_and_one_elsewhere(monkeypatch, tmp_
     assert bench.resolve_jobs("auto", "cpu") == 2 and bench.resolve_jobs("3", "cpu") == 3
     monkeypatch.setattr("drasclr_lib.preprocess.resample.available_cores", lambda: 1)
     assert bench.resolve_jobs("auto", "cpu") == 1
+    # an unknown method too: were --jobs 0 accepted, that error (not the benchmark) stops main here
     with pytest.raises(SystemExit):
-        bench.main(["--work", str(tmp_path / "w"), "--results", str(tmp_path / "r"), "--jobs", "0"])
+        bench.main(["--work", str(tmp_path / "w"), "--results", str(tmp_path / "r"), "--jobs", "0",
+                    "--methods", "not-a-method"])
     assert "--jobs must be 'auto' or a positive integer, got '0'" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()

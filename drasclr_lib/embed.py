@@ -152,11 +152,22 @@ def _encoder_device(encoder, device):
     return dev
 
 
+#: ``embed_cohort``'s batch size when none is given: 32 patches on a CPU, where larger batches run
+#: slower (one location x N subjects, 2 threads of an AVX-512 core pair: 304 patches/s at 32 against
+#: 248 at 150, ``benchmarks/bench_embed.py``), and 256 on an accelerator, which wants them large.
+COHORT_BATCH = {"cpu": 32, "other": 256}
+
+
+def cohort_batch_size(device) -> int:
+    """The default patches per forward pass of :func:`embed_cohort` on ``device`` (a ``torch.device``)."""
+    return COHORT_BATCH["cpu" if getattr(device, "type", str(device)) == "cpu" else "other"]
+
+
 def embed_cohort(
     encoder,
     store,
     *,
-    batch_size: int = 256,
+    batch_size: int | None = None,
     device: str = "auto",
     progress: bool = True,
     subjects: Sequence[int | str] | None = None,
@@ -174,7 +185,8 @@ def embed_cohort(
     Args:
         encoder: a ``DrasEncoder`` (``forward(x (B, 1, P, P, P), loc (B, 3)) -> (z, h)``).
         store: a ``PatchStore`` or the path of one.
-        batch_size: largest number of patches per forward pass.
+        batch_size: largest number of patches per forward pass; ``None``: :func:`cohort_batch_size`
+            of the device (32 on a CPU, 256 on a GPU).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``...
         progress: show a tqdm bar over locations.
         subjects: optional subset (indices or ids); default every subject of the store.
@@ -201,12 +213,13 @@ def embed_cohort(
     if not isinstance(store, PatchStore):
         store = PatchStore(store)
     _warn_if_not_published_atlas(encoder, store)
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     idx = list(range(store.num_subjects)) if subjects is None else [store.index(s) for s in subjects]
     if not idx:
         raise ValueError(f"no subjects to embed in {store.root}")
     dev = _encoder_device(encoder, device)
+    batch_size = batch_size or cohort_batch_size(dev)
     L = store.num_locations
     locs = torch.as_tensor(store.locs, dtype=torch.float32, device=dev)
     h_all = None
@@ -223,6 +236,7 @@ def embed_cohort(
     h_all[invalid] = np.nan
     info = {"store": str(store.root), "num_subjects": len(idx), "num_locations": L,
             "encoder": type(encoder).__name__, "device": str(dev), "invalid_patches": int(invalid.sum()),
+            "batch_size": batch_size,
             "min_patch_fov": store.min_patch_fov, **(meta or {})}
     return EmbeddingSet(h=h_all, sids=[store.sids[i] for i in idx], locs=store.locs,
                         atlas_corners=store.atlas_corners, meta=info)

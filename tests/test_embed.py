@@ -40,6 +40,24 @@ def test_embed_cohort_shapes_and_meta(emb, store):
     assert emb.meta["num_subjects"] == store.num_subjects and emb.meta["device"] == "cpu"
 
 
+def test_embed_cohort_batch_size_defaults_to_the_devices(store, encoder, emb, tmp_path, capsys):
+    from drasclr_lib.embed import cohort_batch_size
+
+    # small batches on a CPU (faster there), large ones on a GPU; a given size is kept
+    assert emb.meta["batch_size"] == 32 == cohort_batch_size(torch.device("cpu"))
+    assert cohort_batch_size(torch.device("cuda")) == 256
+    assert embed_cohort(encoder, store, batch_size=3, progress=False, device="cpu").meta["batch_size"] == 3
+    out = tmp_path / "e.npz"
+    assert cli_main(["--store", str(store.root), "--checkpoint", "random", "--calibration-batches", "1",
+                     "--out", str(out), "--no-progress", "--batch-size", "2"]) == 0
+    assert EmbeddingSet.load(out).meta["batch_size"] == 2
+    with pytest.raises(SystemExit):
+        cli_main(["--store", str(store.root), "--checkpoint", "random", "--out", str(tmp_path / "f.npz"),
+                  "--batch-size", "0"])
+    assert "must be 'auto' or a positive integer, got '0'" in capsys.readouterr().err
+    assert not (tmp_path / "f.npz").exists()
+
+
 def test_embed_cohort_is_deterministic_and_batch_size_free(encoder, store, emb):
     again = embed_cohort(encoder, store, progress=False, device="cpu")
     np.testing.assert_array_equal(again.h, emb.h)  # bit-identical across runs on CPU

@@ -190,7 +190,7 @@ def test_cli_exports_saved_embeddings_in_every_format(store, emb, tmp_path, caps
 
 def test_cli_help_shows_every_default_and_an_example():
     text = build_parser().format_help()
-    for opt, default in (("--format", "auto"), ("--pool", "mean"), ("--batch-size", "256"), ("--device", "auto"),
+    for opt, default in (("--format", "auto"), ("--pool", "mean"), ("--batch-size", "auto"), ("--device", "auto"),
                          ("--seed", "0"), ("--calibration-batches", "64"), ("--calibration-batch-size", "32")):
         blocks = [b for b in text.split("options:", 1)[1].split("\n  --") if b.startswith(opt[2:] + " ")]
         assert len(blocks) == 1 and f"(default: {default})" in " ".join(blocks[0].split()), opt

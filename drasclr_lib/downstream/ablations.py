@@ -17,7 +17,7 @@ __all__ = ["prepare_embeddings", "ensure_checkpoint", "PRETRAINED_METHODS"]
 
 def prepare_embeddings(store, base, out_root: str | os.PathLike, *, methods=("random", *PRETRAINED_METHODS),
                        reuse_drasclr: str | os.PathLike | None = None, seed: int = 0, device: str = "auto",
-                       batch_size: int = 256, calibration_batches: int = 64,
+                       batch_size: int | None = None, calibration_batches: int = 64,
                        progress: bool = True) -> tuple[dict, dict]:
     """Patch embeddings of every compared encoder, training the missing pretraining runs.
 

@@ -11,8 +11,8 @@ Stages (a progress bar over them; each one cached in ``--work``, so a killed run
    from its last checkpoint, written every 100 steps). A run is one epoch of the store at most (subjects
    // batch x locations steps: 588 for the default 150 subjects x 147 locations at batch 32), with its
    cosine learning-rate schedule spanning that epoch; ``--max-steps`` stops it earlier on the same
-   schedule, so with the same seed a shorter budget is the beginning of a longer one. Stages 3 and 4
-   run ``--jobs`` runs at a time (``auto``: 2 on a CPU with 2+ cores, each on half the cores and
+   schedule, so with the same seed a shorter budget is the beginning of a longer one. Stages 3, 4
+   and 6 run ``--jobs`` runs at a time (``auto``: 2 on a CPU with 2+ cores, each on half the cores and
    without loader workers; 1 on a GPU);
 4. ``embed``: patch embeddings of every encoder instance, ``--random-seeds`` random-weight encoders
    included (``<work>/embeddings/<method>_s<seed>.npz``, reused while the checkpoint's weights are the
@@ -35,7 +35,9 @@ Stages (a progress bar over them; each one cached in ``--work``, so a killed run
    beside the rules that need no training: ``laa950`` (-950 HU in the lung, every emphysema voxel
    called centrilobular) and ``laa950_position`` (the lobe / position heuristic of
    ``drasclr_lib.segmentation.baselines``; skipped with a printed note where this checkout's
-   ``baseline_dice`` does not know the rule yet);
+   ``baseline_dice`` does not know the rule yet). With ``--jobs`` above 1 every init x fraction
+   fine-tunes in a job of its own, ``--jobs`` at a time; each leaves its runs in the cache, where
+   the stage's full ``label_efficiency`` call then finds them;
 7. ``tables``: intervals (``drasclr_lib.downstream.stats``: Nadeau-Bengio corrected resampled
    t-test over the R x K splits, seeds averaged within a split; seed-to-seed SD beside it), written
    to ``--results`` (default ``benchmarks/results/paper/``):
@@ -389,6 +391,17 @@ def downstream_stage(store, embeddings: dict, args, folder: Path, bar) -> tuple:
     return pd.concat(frames, ignore_index=True)[PER_FOLD_COLUMNS], present, missing
 
 
+def _segmentation_job(store_root: str, train_pool, test_idx, fraction: float, name: str, ckpt, seeds, cfg,
+                      lung_masks, folder: Path) -> None:
+    """The label-efficiency runs of one init at one fraction, cached in ``folder`` (same files as the full call)."""
+    from drasclr_lib.data.patch_store import PatchStore
+    from drasclr_lib.segmentation import experiment as ex
+
+    ex.label_efficiency(PatchStore(store_root), train_subjects=train_pool, test_subjects=test_idx,
+                        fractions=(fraction,), inits={name: ckpt}, seeds=seeds, cfg=cfg, lung_masks=lung_masks,
+                        cache_dir=folder, progress=False)
+
+
 def segmentation_stage(store, checkpoints: dict, args, folder: Path, bar) -> tuple:
     """Label-efficiency runs of random / MoCo / DrasCLR inits (4 classes) and the rule baselines."""
     import pandas as pd
@@ -406,8 +419,13 @@ def segmentation_stage(store, checkpoints: dict, args, folder: Path, bar) -> tup
     lung_masks = None
     if "lung_mask" in store.table.columns:
         lung_masks = {sid: p for sid, p in zip(store.table["sid"], store.table["lung_mask"]) if isinstance(p, str)}
+    seeds = tuple(range(args.seg_seeds))
+    if args.jobs > 1:  # every init x fraction its own job; each leaves its runs in the cache read below
+        jobs = {f"{name}@{f:g}": (str(store.root), train_pool, test_idx, f, name, ckpt, seeds, cfg, lung_masks, folder)
+                for name, ckpt in inits.items() for f in fractions}
+        run_jobs(_segmentation_job, jobs, args.jobs, bar, "segmentation")
     runs = ex.label_efficiency(store, train_subjects=train_pool, test_subjects=test_idx, fractions=fractions,
-                               inits=inits, seeds=tuple(range(args.seg_seeds)), cfg=cfg, lung_masks=lung_masks,
+                               inits=inits, seeds=seeds, cfg=cfg, lung_masks=lung_masks,
                                cache_dir=folder, progress=False)
     runs.insert(0, "kind", "model")
     rules, notes = [], []

@@ -212,3 +212,23 @@ def test_jobs_auto_is_two_on_a_multicore_cpu_and_one_elsewhere(monkeypatch, tmp_
                     "--methods", "not-a-method"])
     assert "--jobs must be 'auto' or a positive integer, got '0'" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_segmentation_jobs_leave_the_runs_the_stage_then_reads(paper_store, tmp_path, monkeypatch):
+    """With --jobs > 1 each init x fraction fine-tunes in its own job; the stage's full call then
+    finds every run in the cache (same subsets, same keys) and trains none again."""
+    from drasclr_lib.data.patch_store import PatchStore
+    from drasclr_lib.segmentation import SegConfig
+    from drasclr_lib.segmentation import experiment as ex
+
+    bench = _bench_module()
+    store = PatchStore(paper_store)
+    train_pool, test_idx = ex.split_subjects(store, test_fraction=0.25, seed=0)
+    cfg = SegConfig(num_classes=4, steps=2, batch_size=2, eval_patches=2, device="cpu")
+    for f in (0.5, 1.0):
+        bench._segmentation_job(str(store.root), train_pool, test_idx, f, "random", None, (0,), cfg, None, tmp_path)
+    assert len(list(tmp_path.glob("random_n*_s0.json"))) == 2
+    monkeypatch.setattr(ex, "train_segmenter", lambda *a, **k: pytest.fail("a run the jobs made was trained again"))
+    runs = ex.label_efficiency(store, train_subjects=train_pool, test_subjects=test_idx, fractions=(0.5, 1.0),
+                               inits={"random": None}, seeds=(0,), cfg=cfg, cache_dir=tmp_path, progress=False)
+    assert list(runs["fraction"]) == [0.5, 1.0] and runs["n_labelled"].is_monotonic_increasing

@@ -204,6 +204,36 @@ def test_lung_patches_cut_like_preprocessing(geo_store):
         np.testing.assert_array_equal(lung_patches(store, sid, masks[sid]), expect)
 
 
+def test_lung_patches_are_read_once_per_file_and_again_when_it_changes(geo_store, monkeypatch):
+    """Scoring several models on the same test subjects reads each mask once; a rewritten mask is read again."""
+    import os
+
+    import drasclr_lib.preprocess.pipeline as pipeline
+    from drasclr_lib.segmentation import train
+
+    store, masks = geo_store
+    reads = []
+    real = pipeline.on_subject_grid
+    monkeypatch.setattr(pipeline, "on_subject_grid", lambda path, *a, **k: reads.append(path) or real(path, *a, **k))
+    monkeypatch.setattr(train, "_LUNG_CACHE", train.OrderedDict())
+    sid = store.sids[0]
+    first = lung_patches(store, sid, masks[sid])
+    first[...] = False  # the caller's copy: the cache keeps its own
+    again = lung_patches(store, sid, masks[sid])
+    assert len(reads) == 1 and again.any() and again.dtype == bool
+    lung_patches(store, store.sids[1], masks[store.sids[1]])
+    assert len(reads) == 2  # another subject is another file
+    mask = sitk.ReadImage(str(masks[sid]))
+    sitk.WriteImage(sitk.Cast(mask * 0, mask.GetPixelID()), str(masks[sid]))
+    st = os.stat(masks[sid])
+    os.utime(masks[sid], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a clock too coarse cannot hide it
+    assert not lung_patches(store, sid, masks[sid]).any() and len(reads) == 3
+    monkeypatch.setattr(train, "LUNG_PATCH_CACHE_BYTES", 0)  # a budget of nothing keeps nothing
+    train._LUNG_CACHE.clear()
+    lung_patches(store, sid, masks[sid])
+    assert len(train._LUNG_CACHE) == 0 and len(reads) == 4
+
+
 def test_baselines(geo_store):
     store, masks = geo_store
     bg = baseline_dice(store, store.sids, rule="background", min_lung_fraction=0)

@@ -4,6 +4,7 @@
   encoder's stages) and :func:`build_segmenter` (random, MoCo or DrasCLR initialisation).
 - :mod:`~drasclr_lib.segmentation.train`: fine-tuning on atlas patches (Dice + CE) and
   patch-pooled held-out Dice.
+- :mod:`~drasclr_lib.segmentation.lungs`: lung masks cut at the store's patches (read once per process).
 - :mod:`~drasclr_lib.segmentation.experiment`: the label-efficiency experiment.
 - :mod:`~drasclr_lib.segmentation.baselines`: Dice of rules that need no training.
 - :mod:`~drasclr_lib.segmentation.inference`: whole-scan inference to a NIfTI aligned with the input.

@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 
 from drasclr_lib.data.patch_store import PatchStore, cut_patches
-from drasclr_lib.segmentation.train import candidate_pairs, dice_scores, lung_patches, patch_targets
+from drasclr_lib.segmentation.lungs import lung_patches
+from drasclr_lib.segmentation.train import candidate_pairs, dice_scores, patch_targets
 
 __all__ = ["PLEURA_MM", "RULES", "baseline_dice", "lung_depth_patches", "rule_prediction", "superior_axis"]
 
@@ -52,7 +53,7 @@ def lung_depth_patches(store: PatchStore, subject: int | str,
     """The subject's lung mask and each lung voxel's depth below the lung surface, cut at its patches.
 
     The mask is put on the subject's padded 1 mm grid exactly as
-    :func:`~drasclr_lib.segmentation.train.lung_patches` does. The depth is the Euclidean
+    :func:`~drasclr_lib.segmentation.lungs.lung_patches` does. The depth is the Euclidean
     distance (mm) from a lung voxel to the nearest voxel outside the lung, computed on the
     **whole** mask (its bounding box plus a margin of non-lung), so a patch border crossing the
     lung is not mistaken for pleura. The lung surface is the mask's boundary: the costal,

@@ -9,17 +9,16 @@ over the batch) + class-weighted cross-entropy.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from drasclr_lib.data.patch_store import PatchStore, cut_patches
+from drasclr_lib.data.patch_store import PatchStore
 from drasclr_lib.intensity import hu_to_input
+from drasclr_lib.segmentation.lungs import lung_patches
 from drasclr_lib.utils import resolve_device, seed_everything
 
 __all__ = ["SegConfig", "patch_targets", "candidate_pairs", "lung_patches", "train_segmenter", "predict_patches", "dice_scores",
@@ -320,55 +319,6 @@ def evaluate_segmenter(model, store: PatchStore, subjects, *, num_classes: int =
         truth = patch_targets(store.label_patches(s)[locs_idx], num_classes)
         rows.append({"sid": store.sids[s], **dice_scores(pred, truth, num_classes)})
     return pd.DataFrame(rows)
-
-
-#: bytes of bit-packed lung patches :func:`lung_patches` keeps between calls, least recently used
-#: dropped first: a label-efficiency experiment scores the same test subjects once per model and
-#: once per rule (reading and resampling one mask took 0.4-0.7 s, about half of that stage).
-LUNG_PATCH_CACHE_BYTES = 512 * 2**20
-_LUNG_CACHE: OrderedDict = OrderedDict()
-
-
-def lung_patches(store: PatchStore, subject: int | str, lung_mask_path: str | Path) -> np.ndarray:
-    """The subject's lung mask cut at its store patches: (L, P, P, P) bool, (k, j, i) order.
-
-    The mask file is read like a CT (reoriented to LPS), put on the subject's padded 1 mm grid
-    (``grid_1mm`` of its record, nearest neighbour) and cut at ``corners_subject``, exactly as
-    preprocessing cut the CT. The result is kept in memory (bit-packed, up to
-    :data:`LUNG_PATCH_CACHE_BYTES`) for the next call with the same file (path, size and
-    modification time), grid and corners.
-
-    Raises:
-        ValueError: when the subject's record lacks ``grid_1mm`` or ``corners_subject``.
-    """
-    import SimpleITK as sitk
-
-    from drasclr_lib.preprocess.pipeline import on_subject_grid
-
-    grid, corners = store.subject_grid(subject), store.corners(subject)
-    key = _lung_cache_key(lung_mask_path, grid, corners, store.patch_size)
-    if key is not None and key in _LUNG_CACHE:
-        _LUNG_CACHE.move_to_end(key)
-        packed, shape = _LUNG_CACHE[key]
-        return np.unpackbits(packed, count=int(np.prod(shape))).reshape(shape).astype(bool)
-    on_grid = sitk.GetArrayFromImage(on_subject_grid(lung_mask_path, grid, kind="label"))
-    out = cut_patches(on_grid, corners, store.patch_size, 0)[0] > 0
-    if key is not None:
-        _LUNG_CACHE[key] = (np.packbits(out), out.shape)
-        while sum(v[0].nbytes for v in _LUNG_CACHE.values()) > LUNG_PATCH_CACHE_BYTES:
-            _LUNG_CACHE.popitem(last=False)
-    return out
-
-
-def _lung_cache_key(path, grid, corners: np.ndarray, patch_size: int) -> tuple | None:
-    """What makes two :func:`lung_patches` calls the same; ``None`` (no caching) for a file that cannot be stat-ed."""
-    try:
-        path = Path(path).resolve()
-        st = path.stat()
-    except (OSError, TypeError):
-        return None
-    geometry = (grid.GetSize(), grid.GetSpacing(), grid.GetOrigin(), grid.GetDirection())
-    return (str(path), st.st_mtime_ns, st.st_size, geometry, np.asarray(corners).tobytes(), int(patch_size))
 
 
 def config_dict(cfg: SegConfig) -> dict:

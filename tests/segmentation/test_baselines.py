@@ -11,7 +11,8 @@ from scipy import ndimage
 
 from drasclr_lib.data.patch_store import PatchStore, cut_patches
 from drasclr_lib.segmentation import baselines as bl
-from drasclr_lib.segmentation.train import candidate_pairs, lung_patches
+from drasclr_lib.segmentation.lungs import lung_patches
+from drasclr_lib.segmentation.train import candidate_pairs
 from drasclr_lib.testing import make_toy_store
 
 FAST_REG = {"shrink": (4,), "smoothing": (2,), "iterations": 60}  # as tests/preprocess/test_cohort.py

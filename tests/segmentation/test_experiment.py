@@ -14,7 +14,8 @@ import torch
 from drasclr_lib.data.patch_store import PatchStore, cut_patches
 from drasclr_lib.segmentation import experiment as ex
 from drasclr_lib.segmentation.baselines import baseline_dice
-from drasclr_lib.segmentation.train import SegConfig, lung_patches
+from drasclr_lib.segmentation.lungs import lung_patches
+from drasclr_lib.segmentation.train import SegConfig
 from drasclr_lib.testing import make_toy_store
 
 
@@ -209,13 +210,13 @@ def test_lung_patches_are_read_once_per_file_and_again_when_it_changes(geo_store
     import os
 
     import drasclr_lib.preprocess.pipeline as pipeline
-    from drasclr_lib.segmentation import train
+    from drasclr_lib.segmentation import lungs
 
     store, masks = geo_store
     reads = []
     real = pipeline.on_subject_grid
     monkeypatch.setattr(pipeline, "on_subject_grid", lambda path, *a, **k: reads.append(path) or real(path, *a, **k))
-    monkeypatch.setattr(train, "_LUNG_CACHE", train.OrderedDict())
+    monkeypatch.setattr(lungs, "_LUNG_CACHE", lungs.OrderedDict())
     sid = store.sids[0]
     first = lung_patches(store, sid, masks[sid])
     first[...] = False  # the caller's copy: the cache keeps its own
@@ -228,10 +229,10 @@ def test_lung_patches_are_read_once_per_file_and_again_when_it_changes(geo_store
     st = os.stat(masks[sid])
     os.utime(masks[sid], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a clock too coarse cannot hide it
     assert not lung_patches(store, sid, masks[sid]).any() and len(reads) == 3
-    monkeypatch.setattr(train, "LUNG_PATCH_CACHE_BYTES", 0)  # a budget of nothing keeps nothing
-    train._LUNG_CACHE.clear()
+    monkeypatch.setattr(lungs, "LUNG_PATCH_CACHE_BYTES", 0)  # a budget of nothing keeps nothing
+    lungs._LUNG_CACHE.clear()
     lung_patches(store, sid, masks[sid])
-    assert len(train._LUNG_CACHE) == 0 and len(reads) == 4
+    assert len(lungs._LUNG_CACHE) == 0 and len(reads) == 4
 
 
 def test_baselines(geo_store):

@@ -177,7 +177,7 @@ def versions() -> dict:
                                     capture_output=True, text=True, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
-    from drasclr_lib.training.config import cpu_has_bf16
+    from drasclr_lib.training.config import cpu_bf16_fast, cpu_has_bf16
 
     cpu = platform.processor() or None
     try:
@@ -188,7 +188,7 @@ def versions() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
             "pandas": pandas.__version__, "sklearn": sklearn.__version__, "lifelines": lifelines.__version__,
             "git_commit": commit, "git_dirty": dirty, "platform": platform.platform(), "cpu": cpu,
-            "cpu_bf16": cpu_has_bf16(), "torch_threads": torch.get_num_threads()}
+            "cpu_bf16": cpu_has_bf16(), "cpu_bf16_fast": cpu_bf16_fast(), "torch_threads": torch.get_num_threads()}
 
 
 def run_record(checkpoint: Path) -> dict:

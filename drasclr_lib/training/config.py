@@ -28,7 +28,7 @@ from drasclr_lib.augment import parse_augment_spec
 from drasclr_lib.utils import output_dir
 
 __all__ = ["PretrainConfig", "effective_queue_size", "effective_lr", "REFERENCE_BATCH", "RESUME_KEYS", "BUDGET_KEYS",
-           "AUGMENT_ON", "PRECISIONS", "MEMORY_FORMATS", "resolve_speed", "loader_workers", "cpu_has_bf16"]
+           "AUGMENT_ON", "PRECISIONS", "MEMORY_FORMATS", "resolve_speed", "loader_workers", "cpu_has_bf16", "cpu_bf16_fast"]
 
 #: Batch size the published learning rate belongs to (lr 0.01 at batch 128).
 REFERENCE_BATCH = 128
@@ -255,17 +255,49 @@ def loader_workers(cfg: PretrainConfig, device: torch.device, *, augment_on_devi
 
 
 def cpu_has_bf16() -> bool:
-    """True when this CPU computes bfloat16 natively (AVX512-BF16 or AMX, as oneDNN reports it)."""
+    """True when oneDNN can run bfloat16 convolutions on this CPU (``bf16`` is allowed, maybe slowly).
+
+    oneDNN answers yes on any AVX-512 CPU, including those without bfloat16 instructions, where it
+    converts and computes in float32: correct but slower (:func:`cpu_bf16_fast`).
+    """
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # a torch build without the query
         return False
 
 
+#: CPU flags (``/proc/cpuinfo``) of bfloat16 instructions: VDPBF16PS (AVX512-BF16) and AMX tiles.
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def _cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> set[str]:
+    """The first processor's flags from ``/proc/cpuinfo`` (empty where the file is absent: not Linux)."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def cpu_bf16_fast() -> bool:
+    """True when bfloat16 autocast beats float32 here: oneDNN runs it and the CPU has bfloat16 instructions.
+
+    Without ``avx512_bf16`` or ``amx_bf16`` (:data:`BF16_CPU_FLAGS`), oneDNN emulates bfloat16
+    on AVX-512: on 2 Intel Xeon AVX-512 cores without them the whole DrasCLR step at batch 32
+    ran 17.3 anchors/s in bfloat16 against 25.4 in float32 (0.68x); with AVX512-BF16 (AMD EPYC)
+    31.1 against 21.7 (1.43x) (``benchmarks/bench_train.py``). Where the flags cannot be read
+    (not Linux) this is ``False``: float32 is never the slow choice.
+    """
+    return cpu_has_bf16() and bool(_cpu_flags() & set(BF16_CPU_FLAGS))
+
+
 def resolve_speed(cfg: PretrainConfig, device: torch.device) -> dict:
     """The precision and memory format a run uses on ``device`` (``"auto"`` resolved).
 
-    ``precision="auto"``: ``"bf16"`` on a CPU with native bfloat16 (:func:`cpu_has_bf16`); on CUDA
+    ``precision="auto"``: ``"bf16"`` on a CPU with bfloat16 instructions (:func:`cpu_bf16_fast`); on CUDA
     ``"fp16"`` with gradient scaling (the toolkit's mixed precision before this setting existed);
     otherwise ``"fp32"``. ``amp=False`` always gives ``"fp32"``. ``memory_format="auto"``:
     contiguous (channels-last made the bfloat16 model step slower on the CPU, 26.5 against 36.7
@@ -288,7 +320,7 @@ def resolve_speed(cfg: PretrainConfig, device: torch.device) -> dict:
     elif precision == "auto":
         if device.type == "cuda":
             precision = "fp16"
-        elif device.type == "cpu" and cpu_has_bf16():
+        elif device.type == "cpu" and cpu_bf16_fast():
             precision = "bf16"
         else:
             precision = "fp32"

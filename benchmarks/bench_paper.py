@@ -8,10 +8,11 @@ Stages (a progress bar over them; each one cached in ``--work``, so a killed run
 3. ``pretrain``: DrasCLR, DrasCLR without the neighbour loss and plain MoCo, each with ``--seeds``
    pretraining seeds at one budget (``--max-steps`` steps of ``--batch-size``;
    ``drasclr_lib.training.runs.ensure_checkpoint``: a finished run is reused, an unfinished one resumed
-   from its last checkpoint, written every 100 steps). A run is one epoch of the store at most (subjects
-   // batch x locations steps: 588 for the default 150 subjects x 147 locations at batch 32), with its
-   cosine learning-rate schedule spanning that epoch; ``--max-steps`` stops it earlier on the same
-   schedule, so with the same seed a shorter budget is the beginning of a longer one. Stages 3, 4
+   from its last checkpoint, written every 100 steps). A run is ``--epochs`` epochs of the store at
+   most (default 1; an epoch is subjects // batch x locations steps: 588 for the default 150 subjects
+   x 147 locations at batch 32), with its cosine learning-rate schedule spanning those epochs;
+   ``--max-steps`` stops it earlier on the same schedule, so with the same seed and ``--epochs`` a
+   shorter budget is the beginning of a longer one. Stages 3, 4
    and 6 run ``--jobs`` runs at a time (``auto``: 2 on a CPU with 2+ cores, each on half the cores and
    without loader workers; 1 on a GPU);
 4. ``embed``: patch embeddings of every encoder instance, ``--random-seeds`` random-weight encoders
@@ -62,20 +63,22 @@ drasclr,moco --no-segmentation``) give the learning curve: ``benchmarks/paper_le
 
 Setting and budget. Default: 150 subjects (cohort seed 17, size demo), 3 seeds x 3 pretrained
 methods at 200 steps of batch 32 (+ 1 random encoder), 3 x 5-fold CV, segmentation at 10 / 25 /
-100 % of the labels with 1 seed of 60 steps. Measured: ``--quick`` (40 subjects, 2 seeds, 30 steps of
-16, 2 x 4-fold CV, 2 fractions x 1 seed of 30 steps) took 537 s = 9 min on the 2 idle cores
-(cohort 48 s, store 155 s, pretrain 59 s, embed 174 s, downstream 13 s, segmentation 82 s, tables
-2 s); the first ``--quick`` run, before the CPU loader cap (``training.config.loader_workers``) and
-on cores shared with three other jobs, took 37 min, most of it in DrasCLR steps starved by their
-own loader workers. The default took 3,902 s = 65 min on the 2 idle cores (cohort 154 s, store
-699 s, of which a few minutes shared the cores with a short test run; pretrain 1,333 s for 9 runs: DrasCLR 4 min a run, MoCo and DrasCLR w/o neighbours 1.5-1.8 min;
-embed 1,088 s for 12 encoders, downstream 219 s, segmentation 408 s, tables 1 s), inside the 75 min
-the issue allows, on an AVX-512 CPU with native bfloat16 (the default precision "auto" pretrains in bf16). On an
-AVX2 CPU without it (AMD EPYC Zen 3, fp32) the default on cohort seed 23 took 5,243 s = 87 min (cohort
-224 s, store 810 s, pretrain 2,150 s: DrasCLR 1.9-2.1 s a step, MoCo 0.7-0.8 s; embed 1,334 s,
-downstream 266 s, segmentation 456 s): over the 75 min. With ``--jobs 2`` (now the CPU default) and one
-random encoder the same command took 4,581 s = 76 min there (pretrain 1,666 s, embed 1,101 s;
-``benchmarks/results/paper_seed23_jobs2/``): still just over.
+100 % of the labels with 1 seed of 60 steps. Measured on 2 idle Intel Xeon AVX-512 cores without
+AVX512-BF16 (2026-12-04, float32, ``--jobs auto``): ``--quick`` (40 subjects, 2 seeds, 30 steps of
+16, 2 x 4-fold CV, 2 fractions x 1 seed of 30 steps) 505 s = 8.4 min (cohort 58 s, store 160 s,
+pretrain 58 s, embed 138 s, downstream 14 s, segmentation 76 s, tables 2 s); the default 3,272 s =
+55 min (cohort 260 s, store 605 s, pretrain 1,211 s for 9 runs: a DrasCLR step 2.1-2.2 s, MoCo
+0.72-0.77 s, each as one of two 1-thread runs; embed 632 s for 10 encoders, downstream 225 s,
+segmentation 337 s, tables 2 s), inside the 75 min the issue allows. The same command with the
+earlier ``--precision auto``, which chose oneDNN's emulated bfloat16 on that CPU, took 4,163 s = 69
+min (pretrain 2,010 s: a DrasCLR step 3.8 s). Earlier versions: 65 min in bfloat16 on an AMD EPYC
+AVX-512 machine, one run at a time (``benchmarks/results/paper_seed17_bf16/``); on an AVX2 CPU (AMD
+EPYC Zen 3, fp32) on cohort seed 23, 5,243 s = 87 min one run at a time (pretrain 2,150 s: DrasCLR
+1.9-2.1 s a step, MoCo 0.7-0.8 s; embed 1,334 s for 12 encoders) and 4,581 s = 76 min with
+``--jobs 2`` and one random encoder (``benchmarks/results/paper_seed23_jobs2/``), before the
+embedding batch and lung-mask changes. The first ``--quick`` run, before the CPU loader cap
+(``training.config.loader_workers``) and on cores shared with three other jobs, took 37 min, most
+of it in DrasCLR steps starved by their own loader workers.
 ``benchmarks/results/paper{,_seed23}/paper.json`` keep the figures, the CPU and each run's precision.
 The budget goes where it buys power: subjects (the corrected interval shrinks with n, barely with
 repeats), folds and repeats (cheap: no retraining) and seeds of the pretrained encoders;
@@ -130,6 +133,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--random-seeds", type=int, default=1,
                    help="random-weight encoders (not pretrained: more seeds buy the head-to-head comparisons nothing)")
     p.add_argument("--max-steps", type=int, default=200, help="pretraining steps per run")
+    p.add_argument("--epochs", type=int, default=1,
+                   help="epochs of the store the pretraining schedule spans (--max-steps stops a run earlier)")
     p.add_argument("--batch-size", type=int, default=32, help="pretraining batch (one location, many subjects)")
     p.add_argument("--lr", type=float, default=0.01, help="pretraining lr at batch 128, scaled to the batch")
     p.add_argument("--queue-size", type=int, default=4096, help="negatives per location (capped for small cohorts)")
@@ -594,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = {}
     for m in [m for m in PRETRAINED if m in args.methods]:  # DrasCLR first: the longest runs start first
         for s in range(args.seeds):
-            base = PretrainConfig(store=str(store.root), epochs=1, max_steps=args.max_steps, batch_size=batch,
+            base = PretrainConfig(store=str(store.root), epochs=args.epochs, max_steps=args.max_steps, batch_size=batch,
                                   lr=args.lr, queue_size=args.queue_size, seed=s, workers=workers,
                                   device=args.device, tensorboard=False, progress=False,
                                   # a killed run loses at most 100 steps (not part of the run's identity)
@@ -606,10 +611,10 @@ def main(argv: list[str] | None = None) -> int:
     trained = {k: run_record(v) for k, v in checkpoints.items()}
     short = sorted({r["steps"] for r in trained.values() if r["steps"] and r["steps"] < args.max_steps})
     if short:
-        print(f"\n[bench_paper] note: the pretraining runs stopped at {short} steps: one epoch of this store "
-              f"({store.num_subjects} subjects x {store.num_locations} locations, batches of {batch}). "
-              f"bench_paper pretrains one epoch at most, its cosine schedule spanning that epoch; "
-              f"--max-steps {args.max_steps} asks for more. paper.json records the steps trained.",
+        print(f"\n[bench_paper] note: the pretraining runs stopped at {short} steps: {args.epochs} epoch(s) of this "
+              f"store ({store.num_subjects} subjects x {store.num_locations} locations, batches of {batch}), the "
+              f"span of their cosine schedule (--epochs); --max-steps {args.max_steps} asks for more. paper.json "
+              f"records the steps trained.",
               file=sys.stderr)
     done("pretrain")
 

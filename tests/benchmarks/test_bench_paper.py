@@ -135,6 +135,15 @@ def test_bench_paper_tiny(paper_store, tmp_path):
     assert "stopped at [16] steps" in proc.stderr
     runs = json.loads((epoch / "paper.json").read_text(encoding="utf-8"))["pretrain_runs"]
     assert set(runs) == {"drasclr@0", "moco@0"} and {r["steps"] for r in runs.values()} == {16}
+    # --epochs 2 spans the schedule over two epochs: the same budget now trains 32 steps
+    two = results.parent / "two_epochs"
+    cmd_two = [*cmd_epoch[:cmd_epoch.index("--results") + 1], str(two), *cmd_epoch[cmd_epoch.index("--results") + 2:],
+               "--epochs", "2"]
+    proc = subprocess.run(cmd_two, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stopped at [32] steps: 2 epoch(s)" in proc.stderr
+    info = json.loads((two / "paper.json").read_text(encoding="utf-8"))
+    assert info["setting"]["epochs"] == 2 and {r["steps"] for r in info["pretrain_runs"].values()} == {32}
 
 
 @pytest.mark.parametrize("extra, message", [(["--methods", "drasclr,simclr"], "unknown ['simclr']"),

@@ -279,17 +279,16 @@ def run_jobs(fn, jobs: dict, n: int, bar, label: str) -> dict:
 
 def resolve_jobs(value: str, device: str) -> int:
     """``--jobs``: ``"auto"`` is 2 on a CPU with 2 or more cores and 1 on a GPU; else the number given."""
+    from drasclr_lib.cli_help import auto_or_positive_int
     from drasclr_lib.preprocess.resample import available_cores
     from drasclr_lib.utils import resolve_device
 
-    if str(value) == "auto":
-        return 2 if resolve_device(device).type == "cpu" and available_cores() >= 2 else 1
     try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ValueError(f"--jobs must be 'auto' or a positive integer, got {value!r}")
+        n = auto_or_positive_int(value)
+    except argparse.ArgumentTypeError as err:
+        raise ValueError(f"--jobs {err}") from None
+    if n is None:
+        return 2 if resolve_device(device).type == "cpu" and available_cores() >= 2 else 1
     return n
 
 

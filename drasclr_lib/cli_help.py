@@ -18,7 +18,24 @@ from __future__ import annotations
 import argparse
 from typing import Iterable, Sequence
 
-__all__ = ["HelpFormatter", "command_parser", "examples_epilog", "default_text"]
+__all__ = ["HelpFormatter", "command_parser", "examples_epilog", "default_text", "auto_or_positive_int"]
+
+
+def auto_or_positive_int(value: str) -> int | None:
+    """An argparse ``type`` for options that take ``auto`` or a count: ``None`` for ``"auto"``, else the integer.
+
+    Raises:
+        argparse.ArgumentTypeError: for anything but ``auto`` or an integer of at least 1.
+    """
+    if str(value) == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive integer, got {value!r}")
+    return n
 
 
 def default_text(value) -> str:

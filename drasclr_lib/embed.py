@@ -153,8 +153,9 @@ def _encoder_device(encoder, device):
 
 
 #: ``embed_cohort``'s batch size when none is given: 32 patches on a CPU, where larger batches run
-#: slower (one location x N subjects, 2 threads of an AVX-512 core pair: 304 patches/s at 32 against
-#: 248 at 150, ``benchmarks/bench_embed.py``), and 256 on an accelerator, which wants them large.
+#: slower (one location x N subjects, 2 threads of an AVX-512 core pair: 275 patches/s at 32 against
+#: 238 at 150, one thread 205 against 127; ``benchmarks/results/embed.json``), and 256 on an
+#: accelerator, which wants them large.
 COHORT_BATCH = {"cpu": 32, "other": 256}
 
 

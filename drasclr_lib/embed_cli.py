@@ -33,22 +33,9 @@ NOTE = ('Read back: pandas.read_parquet("subjects.parquet"); in R, arrow::read_p
         "Columns: docs/embeddings.md.")
 
 
-def _batch_size(value: str) -> int | None:
-    """``--batch-size``: ``"auto"`` (``None``: ``embed_cohort`` picks by device) or a positive integer."""
-    if value == "auto":
-        return None
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be 'auto' or a positive integer, got {value!r}")
-    return n
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``drasclr embed`` (every option with its help and default)."""
-    from drasclr_lib.cli_help import command_parser
+    from drasclr_lib.cli_help import auto_or_positive_int, command_parser
 
     ap = command_parser(
         "drasclr embed",
@@ -80,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--qc", action="store_true",
                     help="subject level: add the preprocessing QC columns (lung volume, LAA-950, registration "
                          "Dice, qc_pass) to the manifest's labels")
-    ap.add_argument("--batch-size", type=_batch_size, default="auto", metavar="N",
+    ap.add_argument("--batch-size", type=auto_or_positive_int, default="auto", metavar="N",
                     help="patches per forward pass, one location at a time; auto is 32 on a CPU, 256 on a GPU")
     ap.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
     ap.add_argument("--seed", type=int, default=0, metavar="N", help="weights seed of --checkpoint random")

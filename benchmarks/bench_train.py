@@ -17,8 +17,8 @@ What is timed (anchors/s; one anchor = its query and key views and its ``k`` nei
   ratio against it is a lower bound).
 
 Each is run with today's float32 path (``--baseline``: ``precision=fp32``, contiguous layout,
-augmentation in the workers; selectable) and with the new defaults (``precision=auto``,
-``memory_format=auto``), at every ``--batch-sizes`` on ``--threads`` threads; every configuration runs
+augmentation in the workers, glibc's ``malloc`` defaults; selectable) and with the new defaults
+(``precision=auto``, ``memory_format=auto``, ``host_memory=auto``), at every ``--batch-sizes`` on ``--threads`` threads; every configuration runs
 in its own subprocess, which also gives its peak RSS (the main process plus its loader workers).
 
 GFLOP/s: the FLOPs of one model step are counted with ``torch.utils.flop_counter.FlopCounterMode``
@@ -196,25 +196,28 @@ def run_whole(cfg: dict) -> dict:
     pc = PretrainConfig(store=str(store), out_dir=str(out), batch_size=cfg["batch"], max_steps=n, log_every=1,
                         tensorboard=False, save_every_steps=0, progress=False, device=cfg["device"],
                         workers=cfg["workers"], precision=cfg["precision"], memory_format=cfg["memory_format"],
-                        augment_on=cfg["augment_on"])
+                        augment_on=cfg["augment_on"], host_memory=cfg["host_memory"])
     pretrain(pc)
     with open(out / "history.csv", encoding="utf-8") as f:
         seconds = [float(r["seconds"]) for r in csv.DictReader(f)]
     effective = json.loads((out / "config.json").read_text(encoding="utf-8"))["effective"]
     dt = (seconds[-1] - seconds[cfg["warmup"] - 1]) / cfg["steps"]
     return {"s_per_step": dt, "anchors_per_s": cfg["batch"] / dt, "precision": effective["precision"],
-            "memory_format": effective["memory_format"], "augment_on": effective["augment_on"]}
+            "memory_format": effective["memory_format"], "augment_on": effective["augment_on"],
+            "host_memory": effective["host_memory"]}
 
 
 def run_model(cfg: dict) -> dict:
     """``train_step`` on batches in memory, with the precision and layout a run would use."""
+    from drasclr_lib.host_memory import keep_freed_memory
     from drasclr_lib.models import DrasCLR, DrasEncoder
     from drasclr_lib.training import PretrainConfig
     from drasclr_lib.training.config import resolve_speed
     from drasclr_lib.training.loop import train_step
 
     device = torch.device(cfg["device"])
-    speed = resolve_speed(PretrainConfig(precision=cfg["precision"], memory_format=cfg["memory_format"]), device)
+    speed = resolve_speed(PretrainConfig(precision=cfg["precision"], memory_format=cfg["memory_format"],
+                                         host_memory=cfg["host_memory"]), device)
     torch.manual_seed(0)
     model = DrasCLR(DrasEncoder(), num_locations=4, queue_size=4096).to(device).train()
     model.set_channels_last(speed["memory_format"] == "channels_last")
@@ -225,7 +228,8 @@ def run_model(cfg: dict) -> dict:
     def step(b):
         train_step(model, opt, scaler, b, precision=speed["precision"])
 
-    return {**_time_steps(step, batch, cfg, device), **speed}
+    with keep_freed_memory(speed["host_memory"] == "keep"):
+        return {**_time_steps(step, batch, cfg, device), **speed}
 
 
 def _time_steps(step, batch: dict, cfg: dict, device) -> dict:
@@ -291,7 +295,7 @@ def run_published(cfg: dict) -> dict:
 
     try:
         return {**_time_steps(step, batch, cfg, torch.device("cpu")), "precision": "fp32",
-                "memory_format": "contiguous"}
+                "memory_format": "contiguous", "host_memory": "system"}
     finally:
         dist.destroy_process_group()
 
@@ -359,8 +363,9 @@ def main(argv=None) -> int:
     tmp = tempfile.TemporaryDirectory()
     common = {"device": str(device), "threads": a.threads, "steps": a.steps, "warmup": a.warmup, "patch": 32,
               "neighbors": a.neighbors, "tmp": tmp.name, "workers": a.workers}
-    baseline = {"precision": a.baseline, "memory_format": "contiguous", "augment_on": "workers"}
-    new = {"precision": "auto", "memory_format": "auto", "augment_on": "auto"}
+    baseline = {"precision": a.baseline, "memory_format": "contiguous", "augment_on": "workers",
+                "host_memory": "system"}
+    new = {"precision": "auto", "memory_format": "auto", "augment_on": "auto", "host_memory": "auto"}
     rows = []
     for b in batches:
         plan = [("whole", "baseline", baseline), ("whole", "new", new), ("model", "baseline", baseline),
@@ -368,7 +373,8 @@ def main(argv=None) -> int:
         if b == batches[0] and not a.quick:  # the candidates one at a time: which setting brings what
             low = "fp16" if device.type == "cuda" else "bf16"
             plan += [("model", f"{low} only", {**baseline, "precision": low}),
-                     ("model", "cl only", {**baseline, "memory_format": "channels_last"})]
+                     ("model", "cl only", {**baseline, "memory_format": "channels_last"}),
+                    ("model", "keep only", {**baseline, "host_memory": "keep"})]
         if b in published_batches and device.type == "cpu" and PUBLISHED.is_dir():
             plan.append(("published", "published", baseline))
         for kind, label, settings in plan:
@@ -378,7 +384,7 @@ def main(argv=None) -> int:
                 cfg["warmup"] = 1
             res = spawn(cfg)
             rows.append({"batch": b, "kind": kind, "path": label, **res})
-            msg = res.get("error") or f"{res['anchors_per_s']:.1f} anchors/s ({res['precision']}, {res['memory_format']})"
+            msg = res.get("error") or f"{res['anchors_per_s']:.1f} anchors/s ({res['precision']}, {res['memory_format']}, {res['host_memory']} memory)"
             print(f"batch {b:>4} {kind:<9} {label:<10} {msg}; peak RSS {res.get('peak_rss_mib', '?')} MiB", flush=True)
 
     # FLOPs per anchor of the model step (the same network in every path), GFLOP/s and fractions of peak
@@ -409,7 +415,7 @@ def main(argv=None) -> int:
                      "model_new_over_model_baseline": mn and mb and mn["anchors_per_s"] / mb["anchors_per_s"],
                      "model_new_fraction_of_fp32_peak": mn and mn.get("fraction_of_fp32_peak")}
 
-    print(f"\n| batch | step | path | precision, layout | anchors/s | GFLOP/s | of peak | peak RSS MiB |\n"
+    print(f"\n| batch | step | path | precision, layout, host memory | anchors/s | GFLOP/s | of peak | peak RSS MiB |\n"
           f"|---:|---|---|---|---:|---:|---:|---:|")
     for r in rows:
         if "error" in r:
@@ -418,7 +424,7 @@ def main(argv=None) -> int:
         frac = f"{100 * r['fraction_of_peak']:.1f} %" if r.get("fraction_of_peak") else "-"
         gf = f"{r['gflops']:.1f}" if r.get("gflops") else "-"
         mem = f"{r['peak_rss_mib']:.0f}" + (f" (GPU {r['peak_gpu_mib']:.0f})" if "peak_gpu_mib" in r else "")
-        print(f"| {r['batch']} | {r['kind']} | {r['path']} | {r['precision']}, {r['memory_format']} | "
+        print(f"| {r['batch']} | {r['kind']} | {r['path']} | {r['precision']}, {r['memory_format']}, {r['host_memory']} | "
               f"{r['anchors_per_s']:.1f} | {gf} | {frac} | {mem} |")
     for b, rt in ratios.items():
         parts = [f"{k} {v:.2f}" for k, v in rt.items() if v]

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from drasclr_lib.augment import build_augment
 from drasclr_lib.data.patch_store import PatchStore
+from drasclr_lib.host_memory import keep_freed_memory
 from drasclr_lib.training.checkpoint import (load_checkpoint, rng_state, save_checkpoint, set_rng_state,
                                              write_history_csv)
 from drasclr_lib.training.config import (RESUME_KEYS, PretrainConfig, effective_lr, effective_queue_size,
@@ -154,7 +155,9 @@ def pretrain_model(cfg: PretrainConfig):
     cfg.validate()
     rank, world, device, created = _setup_distributed(cfg)
     try:
-        return _train(cfg, rank, world, device)
+        speed = resolve_speed(cfg, device)
+        with keep_freed_memory(speed["host_memory"] == "keep"):
+            return _train(cfg, rank, world, device, speed)
     finally:
         if created and dist.is_initialized():
             dist.destroy_process_group()
@@ -240,7 +243,7 @@ def _restore(ckpt_path: Path, cfg: PretrainConfig, run: dict, model, optimizer, 
             float(ckpt.get("seconds", 0.0)))
 
 
-def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device):
+def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device, speed: dict):
     store = PatchStore(cfg.store or output_dir("patch_store"))
     out = cfg.out_path()
     ckpt_path = out / "checkpoint.pt"
@@ -269,7 +272,6 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device):
            "device": str(device), "store": str(store.root)}
 
     seed_everything(cfg.seed)  # same initial weights on every rank (DDP also broadcasts them)
-    speed = resolve_speed(cfg, device)
     run.update(speed)
     workers = loader_workers(cfg, device, augment_on_device=on_device)
     run["loader_workers"] = workers
@@ -291,7 +293,9 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device):
         print(f"resume: no checkpoint at {ckpt_path}; starting a new run")
     if is_main:
         print(f"pretrain on {device}: precision {speed['precision']} (asked {cfg.precision}"
-              f"{', amp off' if not cfg.amp else ''}), {speed['memory_format']} convolutions, augmentation on the "
+              f"{', amp off' if not cfg.amp else ''}), {speed['memory_format']} convolutions, "
+              f"{'freed host memory kept for reuse' if speed['host_memory'] == 'keep' else 'system malloc'}, "
+              f"augmentation on the "
               f"{run['augment_on']}, {workers} loader worker(s){'' if workers == cfg.workers else f' (asked {cfg.workers}: no core left for them beside the training threads)'}, "
               f"{torch.get_num_threads()} torch thread(s), "
               f"batch {cfg.batch_size} x {world} process(es)")

@@ -31,7 +31,7 @@ def test_bench_train_quick(tmp_path):
         assert "error" not in r, r
         assert r["anchors_per_s"] > 0 and r["peak_rss_mib"] > 100 and r["gflops"] > 0
     base = next(r for r in res["rows"] if r["kind"] == "whole" and r["path"] == "baseline")
-    assert base["precision"] == "fp32" and base["memory_format"] == "contiguous"
+    assert base["precision"] == "fp32" and base["memory_format"] == "contiguous" and base["host_memory"] == "system"
     # ~1.9 GFLOP per anchor at batch >= 16 (q fwd+bwd, k fwd, 2 neighbours fwd+bwd); at --quick's batch 4 torch's
     # FLOP counter also counts a near-constant ~13 GFLOP of convolution_backward per step, so only a floor here
     assert res["gflop_per_anchor"] > 1.5

@@ -89,10 +89,12 @@ def test_resolve_speed(monkeypatch):
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(config, "cpu_bf16_fast", lambda: True)
-    assert resolve_speed(PretrainConfig(), cpu) == {"precision": "bf16", "memory_format": "contiguous"}
+    speed = resolve_speed(PretrainConfig(), cpu)
+    assert speed["precision"] == "bf16" and speed["memory_format"] == "contiguous"
+    assert speed["host_memory"] in ("keep", "system")  # keep with glibc (tests/training/test_host_memory.py)
     assert resolve_speed(PretrainConfig(amp=False), cpu)["precision"] == "fp32"
-    assert resolve_speed(PretrainConfig(precision="fp32", memory_format="contiguous"), cpu) == {
-        "precision": "fp32", "memory_format": "contiguous"}
+    assert resolve_speed(PretrainConfig(precision="fp32", memory_format="contiguous", host_memory="system"), cpu) == {
+        "precision": "fp32", "memory_format": "contiguous", "host_memory": "system"}
     monkeypatch.setattr(config, "cpu_bf16_fast", lambda: False)
     assert resolve_speed(PretrainConfig(), cpu)["precision"] == "fp32"
     assert resolve_speed(PretrainConfig(precision="bf16"), cpu)["precision"] == "bf16"  # asked for: allowed

@@ -196,7 +196,8 @@ def run_whole(cfg: dict) -> dict:
     pc = PretrainConfig(store=str(store), out_dir=str(out), batch_size=cfg["batch"], max_steps=n, log_every=1,
                         tensorboard=False, save_every_steps=0, progress=False, device=cfg["device"],
                         workers=cfg["workers"], precision=cfg["precision"], memory_format=cfg["memory_format"],
-                        augment_on=cfg["augment_on"], host_memory=cfg["host_memory"])
+                        augment_on=cfg["augment_on"], host_memory=cfg["host_memory"],
+                        compile=cfg.get("compile", False))
     pretrain(pc)
     with open(out / "history.csv", encoding="utf-8") as f:
         seconds = [float(r["seconds"]) for r in csv.DictReader(f)]
@@ -204,7 +205,7 @@ def run_whole(cfg: dict) -> dict:
     dt = (seconds[-1] - seconds[cfg["warmup"] - 1]) / cfg["steps"]
     return {"s_per_step": dt, "anchors_per_s": cfg["batch"] / dt, "precision": effective["precision"],
             "memory_format": effective["memory_format"], "augment_on": effective["augment_on"],
-            "host_memory": effective["host_memory"]}
+            "host_memory": effective["host_memory"], "compile": cfg.get("compile", False)}
 
 
 def run_model(cfg: dict) -> dict:
@@ -221,6 +222,9 @@ def run_model(cfg: dict) -> dict:
     torch.manual_seed(0)
     model = DrasCLR(DrasEncoder(), num_locations=4, queue_size=4096).to(device).train()
     model.set_channels_last(speed["memory_format"] == "channels_last")
+    if cfg.get("compile"):
+        model.encoder_q.compile()
+        model.encoder_k.compile()
     opt = torch.optim.SGD(model.encoder_q.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
     scaler = torch.amp.GradScaler("cuda", enabled=speed["precision"] == "fp16")
     batch = _synthetic_batch(cfg["batch"], cfg["patch"], cfg["neighbors"], device)
@@ -229,13 +233,17 @@ def run_model(cfg: dict) -> dict:
         train_step(model, opt, scaler, b, precision=speed["precision"])
 
     with keep_freed_memory(speed["host_memory"] == "keep"):
-        return {**_time_steps(step, batch, cfg, device), **speed}
+        return {**_time_steps(step, batch, cfg, device), **speed, "compile": cfg.get("compile", False)}
 
 
 def _time_steps(step, batch: dict, cfg: dict, device) -> dict:
-    flops = _count_flops(step, batch)
-    for _ in range(max(cfg["warmup"] - 1, 0)):
+    # compiled encoders: no FLOP count (the counter's dispatch mode would be traced into the graphs);
+    # the same network's count comes from the eager rows. The warm-up steps hold the compiling.
+    flops = None if cfg.get("compile") else _count_flops(step, batch)
+    t0 = time.perf_counter()
+    for _ in range(max(cfg["warmup"] - (flops is not None), 0)):
         step(batch)
+    warmup_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
@@ -246,8 +254,10 @@ def _time_steps(step, batch: dict, cfg: dict, device) -> dict:
         _sync(device)
         times.append(time.perf_counter() - t0)
     dt = sorted(times)[len(times) // 2]  # the median step: robust to a neighbour's burst on a shared machine
-    res = {"s_per_step": dt, "anchors_per_s": cfg["batch"] / dt, "gflop_per_anchor": flops / cfg["batch"] / 1e9,
-           "gflops": flops / dt / 1e9, "step_times": [round(t, 4) for t in times]}
+    res = {"s_per_step": dt, "anchors_per_s": cfg["batch"] / dt, "step_times": [round(t, 4) for t in times],
+           "warmup_s": round(warmup_s, 1)}
+    if flops is not None:
+        res.update(gflop_per_anchor=flops / cfg["batch"] / 1e9, gflops=flops / dt / 1e9)
     if device.type == "cuda":
         res["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return res
@@ -338,6 +348,8 @@ def main(argv=None) -> int:
     p.add_argument("--baseline", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="precision of the baseline ('today's path': contiguous layout, augmentation in the workers)")
     p.add_argument("--published-batches", default="32", help="batch sizes at which the published step runs ('' none)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the new defaults with torch.compile (pretrain --compile), whole and model step")
     p.add_argument("--quick", action="store_true", help="smoke run: batch 4, 16 subjects, 2 + 1 steps")
     p.add_argument("--out", default="", help="JSON path (default benchmarks/results/train_<device>.json)")
     p.add_argument("--child", default="", help=argparse.SUPPRESS)
@@ -375,6 +387,8 @@ def main(argv=None) -> int:
             plan += [("model", f"{low} only", {**baseline, "precision": low}),
                      ("model", "cl only", {**baseline, "memory_format": "channels_last"}),
                     ("model", "keep only", {**baseline, "host_memory": "keep"})]
+        if b == batches[0] and a.compile:  # the new defaults with torch.compile (opt-in: minutes of compiling)
+            plan += [("whole", "new+compile", {**new, "compile": True}), ("model", "new+compile", {**new, "compile": True})]
         if b in published_batches and device.type == "cpu" and PUBLISHED.is_dir():
             plan.append(("published", "published", baseline))
         for kind, label, settings in plan:

@@ -10,7 +10,7 @@ Invalid patches (less than the store's ``min_patch_fov``, half, inside the scann
 :meth:`~drasclr_lib.data.patch_store.PatchStore.valid_patches`) are mostly padding, which reads as
 -1024 HU air: their embeddings are **NaN** rows (``h[n, l] = nan``, so ``h`` keeps its (N, L, D)
 shape and every location its column), and :func:`pool_subjects` skips them. Code that takes
-patch rows of ``h`` keeps the finite ones (``np.isfinite(h).all(-1)``). Length (~360 lines): the
+patch rows of ``h`` keeps the finite ones (``np.isfinite(h).all(-1)``). Length (~380 lines): the
 embedding set, the two ways of embedding and the pooling share the invalid-patch convention. (The random-weight baseline encoder is :func:`drasclr_lib.models.random_encoder`, the
 per-patch facts the maps and metrics colour by are :func:`drasclr_lib.data.patch_store.patch_table`,
 and the ``drasclr embed`` command is :mod:`drasclr_lib.embed_cli`.)
@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from drasclr_lib.host_memory import keep_freed_memory, resolve_host_memory
 from drasclr_lib.intensity import hu_to_input
 from drasclr_lib.utils import atomic_path, resolve_device
 
@@ -173,6 +174,7 @@ def embed_cohort(
     progress: bool = True,
     subjects: Sequence[int | str] | None = None,
     meta: dict | None = None,
+    host_memory: str = "auto",
 ) -> EmbeddingSet:
     """Embed every patch of every subject of a patch store.
 
@@ -192,6 +194,9 @@ def embed_cohort(
         progress: show a tqdm bar over locations.
         subjects: optional subset (indices or ids); default every subject of the store.
         meta: extra facts to keep in ``EmbeddingSet.meta`` (e.g. the checkpoint path).
+        host_memory: ``"auto"`` (on a CPU with glibc, freed memory is kept for reuse while the
+            cohort is embedded: 2.1x the forward pass at batch 32), ``"keep"`` or ``"system"``; see
+            :mod:`drasclr_lib.host_memory`.
 
     Returns:
         The :class:`EmbeddingSet` with ``h (N, L, D)`` float32, NaN at invalid patches;
@@ -224,7 +229,8 @@ def embed_cohort(
     L = store.num_locations
     locs = torch.as_tensor(store.locs, dtype=torch.float32, device=dev)
     h_all = None
-    with _EvalMode(encoder), torch.inference_mode():
+    kept = resolve_host_memory(host_memory, dev.type) == "keep"
+    with keep_freed_memory(kept), _EvalMode(encoder), torch.inference_mode():
         for loc in tqdm(range(L), desc="embed (locations)", disable=not progress, leave=False):
             for start in range(0, len(idx), batch_size):
                 chunk = idx[start:start + batch_size]
@@ -237,7 +243,7 @@ def embed_cohort(
     h_all[invalid] = np.nan
     info = {"store": str(store.root), "num_subjects": len(idx), "num_locations": L,
             "encoder": type(encoder).__name__, "device": str(dev), "invalid_patches": int(invalid.sum()),
-            "batch_size": batch_size,
+            "batch_size": batch_size, "host_memory": "keep" if kept else "system",
             "min_patch_fov": store.min_patch_fov, **(meta or {})}
     return EmbeddingSet(h=h_all, sids=[store.sids[i] for i in idx], locs=store.locs,
                         atlas_corners=store.atlas_corners, meta=info)
@@ -270,6 +276,7 @@ def embed_subject(
     device: str = "auto",
     group_by_location: bool = False,
     valid: np.ndarray | None = None,
+    host_memory: str = "auto",
 ) -> np.ndarray:
     """Embed the patches of one scan, every patch at its own location.
 
@@ -287,6 +294,7 @@ def embed_subject(
         group_by_location: batch equal locations together.
         valid: optional (L,) bool, False at invalid patches (e.g. ``store.valid_patches(s)`` or
             ``patch_fov_fraction >= 0.5``): those are not run and get NaN rows.
+        host_memory: ``"auto"``, ``"keep"`` or ``"system"``, as for :func:`embed_cohort`.
 
     Returns:
         h (L, D) float32 (NaN rows at invalid patches).
@@ -318,7 +326,8 @@ def embed_subject(
     else:
         batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     out = None
-    with _EvalMode(encoder), torch.inference_mode():
+    with keep_freed_memory(resolve_host_memory(host_memory, dev.type) == "keep"), _EvalMode(encoder), \
+            torch.inference_mode():
         for b in batches:
             x = torch.from_numpy(hu_to_input(patches_hu[b]))[:, None].to(dev)
             h = _h_of(encoder, x, torch.from_numpy(locs[b]).to(dev)).float().cpu().numpy()

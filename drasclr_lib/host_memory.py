@@ -16,6 +16,10 @@ resident memory that stays at the run's peak until the block ends (peak RSS +10 
 measurement). On leaving the block the settings go back to glibc's static defaults and the free
 memory is returned (``malloc_trim``). DataLoader workers forked inside the block inherit the
 settings. Elsewhere (macOS, Windows, musl) it does nothing and says so.
+
+Used by ``pretrain`` (``PretrainConfig.host_memory``) and by ``embed_cohort`` / ``embed_subject``
+(``host_memory=``), where the forward pass alone ran 2.1x faster on the same CPU (batch 32: 459-466
+against 207-229 patches/s).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ _DEFAULT_MMAP_MAX = 65536
 _DEFAULT_TRIM_THRESHOLD = 128 * 1024
 #: Free memory the heap may keep at its top (2 GiB - 1, the largest value ``mallopt`` takes).
 _KEEP_TRIM_THRESHOLD = 2**31 - 1
+#: Active blocks in this process (the settings are process-wide: only the outermost block changes them).
+_depth = 0
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -86,6 +92,9 @@ def resolve_host_memory(setting: str, device_type: str) -> str:
 def keep_freed_memory(enabled: bool = True) -> Iterator[bool]:
     """Inside the block, glibc ``malloc`` keeps freed memory for reuse (no ``mmap``, no trimming).
 
+    Blocks nest: an inner block inside an active one changes nothing, and glibc's defaults come back
+    when the outermost block ends. The settings are process-wide (every thread's ``malloc``).
+
     Args:
         enabled: ``False`` makes the block a no-op (the caller's ``host_memory="system"``).
 
@@ -96,14 +105,24 @@ def keep_freed_memory(enabled: bool = True) -> Iterator[bool]:
         >>> with keep_freed_memory() as kept:
         ...     pass  # train here; ``kept`` says whether freed memory is being reused
     """
+    global _depth
+    if _depth and enabled:  # nested in an active block (embedding inside a benchmark's run): already kept
+        _depth += 1
+        try:
+            yield True
+        finally:
+            _depth -= 1
+        return
     libc = _glibc() if enabled else None
     kept = False
     if libc is not None:
         kept = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_TRIM_THRESHOLD) == 1
+        _depth += kept
     try:
         yield kept
     finally:
         if libc is not None:
+            _depth -= kept
             libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
             libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
             libc.malloc_trim(0)

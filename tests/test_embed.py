@@ -40,6 +40,19 @@ def test_embed_cohort_shapes_and_meta(emb, store):
     assert emb.meta["num_subjects"] == store.num_subjects and emb.meta["device"] == "cpu"
 
 
+def test_kept_host_memory_embeds_the_same_numbers(emb, store, encoder):
+    """``host_memory`` changes where the activations' memory comes from, not the embeddings."""
+    from drasclr_lib.host_memory import glibc_malloc_tunable
+
+    assert emb.meta["host_memory"] == ("keep" if glibc_malloc_tunable() else "system")  # auto
+    system = embed_cohort(encoder, store, progress=False, device="cpu", host_memory="system")
+    assert system.meta["host_memory"] == "system"
+    np.testing.assert_array_equal(system.h, emb.h)
+    patches, locs = store.patches(0), store.locs
+    np.testing.assert_array_equal(embed_subject(encoder, patches, locs, device="cpu", host_memory="keep"),
+                                  embed_subject(encoder, patches, locs, device="cpu", host_memory="system"))
+
+
 def test_embed_cohort_batch_size_defaults_to_the_devices(store, encoder, emb, tmp_path, capsys):
     from drasclr_lib.embed import cohort_batch_size
 

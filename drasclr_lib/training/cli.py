@@ -65,6 +65,8 @@ OPTIONS: dict[str, dict] = {
                     "help": "keep: glibc malloc keeps freed memory for reuse during the run (no page faults on "
                             "the large activations, ~1.25x the CPU step; resident memory stays at its peak); "
                             "system: glibc's defaults; auto: keep on a CPU with glibc"},
+    "compile": {"help": "compile both encoders with torch.compile (1-2 min at start on 2 cores; needs a C++ "
+                        "compiler; falls back to eager when compiling fails)"},
     "max_steps": {"help": "stop after this many steps in total; the schedule still spans --epochs "
                           "(default: the whole schedule)"},
     "log_every": {"help": "steps per history.csv row / TensorBoard point (means over the window)"},

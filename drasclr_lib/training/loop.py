@@ -156,7 +156,9 @@ def pretrain_model(cfg: PretrainConfig):
     rank, world, device, created = _setup_distributed(cfg)
     try:
         speed = resolve_speed(cfg, device)
-        with keep_freed_memory(speed["host_memory"] == "keep"):
+        # a frame that fails to compile runs eagerly (torch.compile's own fallback), with a warning
+        compile_errors = torch._dynamo.config.patch(suppress_errors=True) if cfg.compile else nullcontext()
+        with keep_freed_memory(speed["host_memory"] == "keep"), compile_errors:
             return _train(cfg, rank, world, device, speed)
     finally:
         if created and dist.is_initialized():
@@ -277,6 +279,9 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device, spe
     run["loader_workers"] = workers
     model = _build_model(cfg, n_loc, queue).to(device)
     model.set_channels_last(speed["memory_format"] == "channels_last")
+    if cfg.compile:  # in place: parameter names, checkpoints and the optimiser see the same modules
+        model.encoder_q.compile()
+        model.encoder_k.compile()
     use_amp = speed["precision"] == "fp16"  # float16 needs the gradient scaler; bfloat16 does not
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=lr0, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
@@ -295,6 +300,7 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device, spe
         print(f"pretrain on {device}: precision {speed['precision']} (asked {cfg.precision}"
               f"{', amp off' if not cfg.amp else ''}), {speed['memory_format']} convolutions, "
               f"{'freed host memory kept for reuse' if speed['host_memory'] == 'keep' else 'system malloc'}, "
+              f"{'compiled' if cfg.compile else 'eager'} encoders, "
               f"augmentation on the "
               f"{run['augment_on']}, {workers} loader worker(s){'' if workers == cfg.workers else f' (asked {cfg.workers}: no core left for them beside the training threads)'}, "
               f"{torch.get_num_threads()} torch thread(s), "

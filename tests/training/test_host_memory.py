@@ -47,8 +47,11 @@ system = rounds()
 with keep_freed_memory() as kept:
     rounds(2)  # the heap grows to the pass's peak once ...
     reused = rounds()  # ... and is reused from then on
+    with keep_freed_memory() as inner:  # a nested block (embedding inside a run) ...
+        pass
+    nested = rounds()  # ... leaves the outer one's settings in place
 after = rounds()
-print(json.dumps({"kept": kept, "system": system, "reused": reused, "after": after}))
+print(json.dumps({"kept": kept and inner, "system": system, "reused": reused, "nested": nested, "after": after}))
 """
 
 
@@ -63,6 +66,7 @@ def test_freed_memory_is_reused_inside_the_block_and_given_back_after():
     assert res["kept"]
     assert min(res["system"]) >= activation_pages // 2, res  # every pass faults its activations in again
     assert max(res["reused"]) < activation_pages // 8, res
+    assert max(res["nested"]) < activation_pages // 8, res
     assert min(res["after"]) >= activation_pages // 2, res  # glibc's behaviour is back
 
 

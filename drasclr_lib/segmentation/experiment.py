@@ -235,7 +235,7 @@ def label_efficiency(store: PatchStore, *, train_subjects: Sequence, test_subjec
     done: dict[tuple, dict] = {}
     rows = []
     cache = Path(cache_dir) if cache_dir is not None else None
-    settings = {k: v for k, v in asdict(cfg).items() if k != "seed"}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("seed", "host_memory")}  # same results either way
     settings["lung_restricted"] = lung_masks is not None
     key_parts = {}
     if cache is not None:  # what a cached run must share with this call to be reused

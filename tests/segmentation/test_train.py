@@ -60,6 +60,8 @@ def test_config_validation():
         SegConfig(fg_weight=0)
     with pytest.raises(ValueError, match="eval_patches"):
         SegConfig(eval_patches=-1)
+    with pytest.raises(ValueError, match="host_memory"):
+        SegConfig(host_memory="never")
 
 
 def test_train_errors(toy_store):
@@ -130,3 +132,17 @@ def test_candidate_pairs_skip_patches_outside_the_field_of_view(tmp_path):
     assert candidate_pairs(store, [1], 0.05).shape == (0, 2)
     assert set(candidate_pairs(store, [0, 1, 2], 0.05)[:, 0]) == {0, 2}
     assert baseline_dice(store, [0, 1, 2], rule="laa950").sid.tolist() == ["toy000", "toy002"]
+
+
+def test_kept_host_memory_fine_tunes_and_predicts_the_same_numbers(toy_store):
+    """``host_memory`` (freed memory kept for reuse on the CPU) changes no number of a run."""
+    store = PatchStore(toy_store)
+    runs = {}
+    for host_memory in ("keep", "system"):
+        model = build_segmenter("random", num_classes=2, seed=0)
+        hist = train_segmenter(model, store, [6, 7], SegConfig(steps=3, batch_size=4, device="cpu", seed=0,
+                                                                host_memory=host_memory), progress=False)
+        probs = predict_patches(model, store.patches(9)[:4], store.locs[:4], device="cpu", host_memory=host_memory)
+        runs[host_memory] = ([h["loss"] for h in hist], probs)
+    assert runs["keep"][0] == runs["system"][0]
+    np.testing.assert_array_equal(runs["keep"][1], runs["system"][1])

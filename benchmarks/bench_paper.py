@@ -65,8 +65,9 @@ Setting and budget. Default: 150 subjects (cohort seed 17, size demo), 3 seeds x
 methods at 200 steps of batch 32 (+ 1 random encoder), 3 x 5-fold CV, segmentation at 10 / 25 /
 100 % of the labels with 1 seed of 60 steps. Measured on 2 idle Intel Xeon AVX-512 cores without
 AVX512-BF16 (2026-12-04, float32, ``--jobs auto``): ``--quick`` (40 subjects, 2 seeds, 30 steps of
-16, 2 x 4-fold CV, 2 fractions x 1 seed of 30 steps) 505 s = 8.4 min (cohort 58 s, store 160 s,
-pretrain 58 s, embed 138 s, downstream 14 s, segmentation 76 s, tables 2 s); the default 3,272 s =
+16, 2 x 4-fold CV, 2 fractions x 1 seed of 30 steps) 471 s = 7.9 min (cohort 55 s, store 170 s,
+pretrain 55 s, embed 103 s, downstream 14 s, segmentation 72 s, tables 2 s; 505 s before host memory
+was kept for reuse, with the same tables); the default 3,272 s =
 55 min (cohort 260 s, store 605 s, pretrain 1,211 s for 9 runs: a DrasCLR step 2.1-2.2 s, MoCo
 0.72-0.77 s, each as one of two 1-thread runs; embed 632 s for 10 encoders, downstream 225 s,
 segmentation 337 s, tables 2 s), inside the 75 min the issue allows. The same command with the
@@ -157,7 +158,9 @@ def _parser() -> argparse.ArgumentParser:
                         "budgets needs only drasclr,moco")
     p.add_argument("--workers", type=int, default=2, help="processes for cohort, preprocessing, data loading")
     p.add_argument("--work", default=str(REPO / "outputs" / "bench_paper"), help="cache folder")
-    p.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "paper"), help="where the tables go")
+    p.add_argument("--results", default="",
+                   help="where the tables go (default benchmarks/results/paper, with --quick .../paper_quick: a "
+                        "quick run never overwrites the documented setting's tables)")
     p.add_argument("--device", default="auto")
     p.add_argument("--jobs", default="auto",
                    help="pretraining and embedding runs at a time, each on cores/jobs torch threads; 'auto': 2 on a "
@@ -554,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work) / f"store_{_digest(str(Path(args.store).resolve()))}"
     else:
         work = Path(args.work) / f"n{args.n_subjects}_seed{args.cohort_seed}_{args.size}"
-    results = Path(args.results)
+    results = Path(args.results or REPO / "benchmarks" / "results" / ("paper_quick" if args.quick else "paper"))
     results.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     timing_file = work / "timings.json"

@@ -67,10 +67,12 @@ methods at 200 steps of batch 32 (+ 1 random encoder), 3 x 5-fold CV, segmentati
 AVX512-BF16 (2026-12-04, float32, ``--jobs auto``): ``--quick`` (40 subjects, 2 seeds, 30 steps of
 16, 2 x 4-fold CV, 2 fractions x 1 seed of 30 steps) 471 s = 7.9 min (cohort 55 s, store 170 s,
 pretrain 55 s, embed 103 s, downstream 14 s, segmentation 72 s, tables 2 s; 505 s before host memory
-was kept for reuse, with the same tables); the default 3,272 s =
+was kept for reuse, with the same tables); the default 2,912 s = 49 min (cohort 214 s, store 597 s,
+pretrain 1,072 s: a DrasCLR step 1.81-1.94 s as one of two 1-thread runs; embed 481 s, downstream
+230 s, segmentation 314 s, tables 3 s; the same tables as before host memory was kept, when it took 3,272 s =
 55 min (cohort 260 s, store 605 s, pretrain 1,211 s for 9 runs: a DrasCLR step 2.1-2.2 s, MoCo
 0.72-0.77 s, each as one of two 1-thread runs; embed 632 s for 10 encoders, downstream 225 s,
-segmentation 337 s, tables 2 s), inside the 75 min the issue allows. The same command with the
+segmentation 337 s, tables 2 s)), inside the 75 min the issue allows. The same command with the
 earlier ``--precision auto``, which chose oneDNN's emulated bfloat16 on that CPU, took 4,163 s = 69
 min (pretrain 2,010 s: a DrasCLR step 3.8 s). Earlier versions: 65 min in bfloat16 on an AMD EPYC
 AVX-512 machine, one run at a time (``benchmarks/results/paper_seed17_bf16/``); on an AVX2 CPU (AMD
@@ -207,10 +209,11 @@ def run_record(checkpoint: Path) -> dict:
     from drasclr_lib.training.checkpoint import load_checkpoint
 
     run = Path(checkpoint).parent
-    out = {"precision": None, "memory_format": None, "steps": None, "s_per_step": None}
+    out = {"precision": None, "memory_format": None, "host_memory": None, "steps": None, "s_per_step": None}
     try:
         eff = json.loads((run / "config.json").read_text(encoding="utf-8")).get("effective", {})
-        out.update(precision=eff.get("precision"), memory_format=eff.get("memory_format"))
+        out.update(precision=eff.get("precision"), memory_format=eff.get("memory_format"),
+                   host_memory=eff.get("host_memory"))
     except (OSError, ValueError):
         pass
     try:

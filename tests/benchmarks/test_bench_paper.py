@@ -107,6 +107,7 @@ def test_bench_paper_tiny(paper_store, tmp_path):
     runs = info["pretrain_runs"]
     assert set(runs) == {k for k in info["weights"] if not k.startswith("random")} and runs
     assert all(r["precision"] in ("fp32", "bf16") and r["s_per_step"] > 0 and r["steps"] > 0 for r in runs.values())
+    assert all(r["host_memory"] in ("keep", "system") for r in runs.values())
     assert info["oracle_columns"] == ["airway_wall", "age"] and "mucus_plugging" in info["oracle_missing"]
     # a second run reuses every cached stage and writes the same per-fold table
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)

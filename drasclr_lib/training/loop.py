@@ -13,17 +13,18 @@ window; with ``workers=0`` on the CPU a resumed run reproduces the uninterrupted
 ``benchmarks/bench_train.py``; reusing a finished run instead of training is
 :mod:`drasclr_lib.training.runs`.
 
-(About 380 lines: the loop, its resume and its step are one piece of state handling; splitting
+(About 420 lines: the loop, its resume and its step are one piece of state handling; splitting
 them would scatter what a checkpoint must restore.)
 """
 
 from __future__ import annotations
 
+import locale
 import math
 import os
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -245,6 +246,45 @@ def _restore(ckpt_path: Path, cfg: PretrainConfig, run: dict, model, optimizer, 
             float(ckpt.get("seconds", 0.0)))
 
 
+@contextmanager
+def _utf8_ctype():
+    """``LC_CTYPE`` set to C.UTF-8 inside the block when the current one is not UTF-8, then restored.
+
+    torch's inductor reads its kernel templates with ``open()`` in the locale's encoding, and one
+    holds non-ASCII bytes: under an ASCII ``LC_CTYPE`` (the "C" locale, which a library can set in
+    a running process) importing it fails with ``UnicodeDecodeError``.
+    """
+    previous = locale.setlocale(locale.LC_CTYPE)
+    if locale.getpreferredencoding(False).lower().replace("-", "") != "utf8":
+        try:
+            locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
+        except locale.Error:
+            pass
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_CTYPE, previous)
+
+
+def _compile_encoders(model) -> bool:
+    """Compile both encoders in place (names, checkpoints and the optimiser see the same modules).
+
+    Returns:
+        True when compiled; False (a warning says why; the encoders run eagerly) when
+        ``torch.compile`` cannot start here.
+    """
+    try:
+        with _utf8_ctype():
+            import torch._inductor.compile_fx  # noqa: F401  (the import that reads the templates)
+        model.encoder_q.compile()
+        model.encoder_k.compile()
+        return True
+    except Exception as exc:  # noqa: BLE001 - any failure to start compiling leaves the eager encoders
+        warnings.warn(f"compile=True: torch.compile could not start ({type(exc).__name__}: {exc}); "
+                      "the encoders run eagerly", stacklevel=4)
+        return False
+
+
 def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device, speed: dict):
     store = PatchStore(cfg.store or output_dir("patch_store"))
     out = cfg.out_path()
@@ -279,9 +319,7 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device, spe
     run["loader_workers"] = workers
     model = _build_model(cfg, n_loc, queue).to(device)
     model.set_channels_last(speed["memory_format"] == "channels_last")
-    if cfg.compile:  # in place: parameter names, checkpoints and the optimiser see the same modules
-        model.encoder_q.compile()
-        model.encoder_k.compile()
+    run["compile"] = _compile_encoders(model) if cfg.compile else False
     use_amp = speed["precision"] == "fp16"  # float16 needs the gradient scaler; bfloat16 does not
     optimizer = torch.optim.SGD(model.encoder_q.parameters(), lr=lr0, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
@@ -300,7 +338,7 @@ def _train(cfg: PretrainConfig, rank: int, world: int, device: torch.device, spe
         print(f"pretrain on {device}: precision {speed['precision']} (asked {cfg.precision}"
               f"{', amp off' if not cfg.amp else ''}), {speed['memory_format']} convolutions, "
               f"{'freed host memory kept for reuse' if speed['host_memory'] == 'keep' else 'system malloc'}, "
-              f"{'compiled' if cfg.compile else 'eager'} encoders, "
+              f"{'compiled' if run['compile'] else 'eager'} encoders, "
               f"augmentation on the "
               f"{run['augment_on']}, {workers} loader worker(s){'' if workers == cfg.workers else f' (asked {cfg.workers}: no core left for them beside the training threads)'}, "
               f"{torch.get_num_threads()} torch thread(s), "

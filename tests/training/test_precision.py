@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import json
+import locale
 import warnings
 
 import numpy as np
@@ -168,7 +169,14 @@ def test_compiled_encoders_learn_the_eager_loss_curve(small_store, tmp_path, cap
     kw = dict(precision="fp32", epochs=2, log_every=1, num_neighbors=1)
     eager = pd.read_csv(pretrain(_cfg(small_store, tmp_path / "eager", **kw)).parent / "history.csv")
     capsys.readouterr()
-    ckpt, model = pretrain_model(_cfg(small_store, tmp_path / "compiled", compile=True, **kw))
+    # under the "C" locale (ASCII), as a library can leave a running process (the full suite did once):
+    # inductor's import read a template in ASCII and failed before loop._utf8_ctype
+    previous = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        ckpt, model = pretrain_model(_cfg(small_store, tmp_path / "compiled", compile=True, **kw))
+    finally:
+        locale.setlocale(locale.LC_CTYPE, previous)
     assert "compiled encoders" in capsys.readouterr().out
     assert model.encoder_q._compiled_call_impl is not None and model.encoder_k._compiled_call_impl is not None
     compiled = pd.read_csv(ckpt.parent / "history.csv")
